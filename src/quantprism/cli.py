@@ -1,0 +1,213 @@
+"""The `quantprism` command line (thin: parsing and printing; work lives in the modules below)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import QuantprismError
+
+DEFAULT_TARGETS = Path("targets.toml")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(soft_wrap=False, width=max(100, int(os.environ.get("COLUMNS", "0") or 0)))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="quantprism")
+def cli() -> None:
+    """quantprism — one canonical quantization stage, every runtime, one verdict.
+
+    \b
+    Example:
+      quantprism inspect                 # the bundled reference model
+      quantprism targets targets.toml    # validate the deployment matrix
+    """
+
+
+@cli.command("targets", epilog="Example:  quantprism targets targets.toml")
+@click.argument("file", type=click.Path(path_type=Path), default=DEFAULT_TARGETS, required=False)
+@click.option("--model", "model", default=None, help="Check shape rules against this model (default: [defaults].model).")
+def targets_cmd(file: Path, model: str | None) -> None:
+    """Validate a targets file and print the target matrix.
+
+    Keys, types and combinations are checked, then every target's shape rules (k-quant blocks,
+    group sizes) against the model: an impossible target is an error (exit 2).
+    """
+    from rich.table import Table
+
+    from .config import check_target_against_model, parse_targets
+    from .errors import ConfigError
+    from .model import load_model_info
+
+    tf = parse_targets(file)
+    info = load_model_info(model or tf.defaults.model)
+    table = Table(title=f"{file} — {len(tf.targets)} targets on {info.path.name}")
+    for col in ("target", "format", "runtime", "scheme", "method", "hardware", "gates"):
+        table.add_column(col)
+    for t in tf.targets.values():
+        why = check_target_against_model(t, info.linear_shapes)
+        if why:
+            raise ConfigError(f"{file}: [target.{t.name}] cannot be built for {info.path}: {why}")
+        gates = ", ".join(f"{k}={v:g}" for k, v in t.gates.items()) or "-"
+        table.add_row(t.name, t.format, t.runtime, t.scheme, t.method, t.hardware, gates)
+    _console().print(table)
+
+
+@cli.command("inspect", epilog="Example:  quantprism inspect ./my-llama --targets targets.toml --calibration data.jsonl")
+@click.argument("path", required=False, default=None)
+@click.option("--targets", "targets_file", type=click.Path(path_type=Path), default=None,
+              help="targets.toml to check applicability against (default: ./targets.toml if present).")
+@click.option("--calibration", default=None, help="Also build this calibration set and print its sha256 ('builtin' for the bundled text).")
+@click.option("--samples", type=int, default=128, show_default=True, help="Calibration windows.")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per calibration window.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Calibration sampling seed.")
+def inspect_cmd(path: str | None, targets_file: Path | None, calibration: str | None, samples: int,
+                seq_len: int, seed: int) -> None:
+    """Describe a model: architecture, parameters, shapes, dtypes, tokenizer, and which targets apply.
+
+    PATH is a local Hugging Face directory with safetensors weights (default: the bundled model).
+    """
+    from .model.inspect import render_inspect
+
+    if targets_file is None and DEFAULT_TARGETS.is_file():
+        targets_file = DEFAULT_TARGETS
+    render_inspect(_console(), path, targets_file, calibration, samples, seq_len, seed)
+
+
+def _load_targets(targets_file: Path, model: str | None):
+    from .config import check_target_against_model, parse_targets
+    from .errors import ConfigError
+    from .model import load_model_info
+
+    tf = parse_targets(targets_file)
+    info = load_model_info(model or tf.defaults.model)
+    for t in tf.targets.values():
+        why = check_target_against_model(t, info.linear_shapes)
+        if why:
+            raise ConfigError(f"{targets_file}: [target.{t.name}] cannot be built for {info.path}: {why}")
+    return tf, info
+
+
+@cli.command("quantize", epilog="Example:  quantprism quantize --targets targets.toml --only vllm-gptq-w4g128 --out build/canonical")
+@click.option("--targets", "targets_file", type=click.Path(path_type=Path), default=DEFAULT_TARGETS, show_default=True)
+@click.option("--only", multiple=True, help="Only these targets (repeatable).")
+@click.option("--model", default=None, help="Model directory (overrides [defaults].model).")
+@click.option("--calibration", default=None, help="Calibration source (overrides [defaults].calibration).")
+@click.option("--samples", type=int, default=None, help="Calibration windows (overrides [defaults].samples).")
+@click.option("--seq-len", type=int, default=None, help="Tokens per window (overrides [defaults].seq_len).")
+@click.option("--fp-inputs", is_flag=True, help="Calibrate every layer on fp inputs instead of the quantized layers before it.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Also copy the canonical results here.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Cache (default ~/.cache/quantprism/canonical).")
+def quantize_cmd(targets_file: Path, only: tuple[str, ...], model: str | None, calibration: str | None,
+                 samples: int | None, seq_len: int | None, fp_inputs: bool, out: Path | None, cache_dir: Path | None) -> None:
+    """Run the canonical stage once for the targets: one calibration pass, every grid they need.
+
+    Results are cached by content (model, calibration, recipe); a re-run is a cache hit, and an
+    interrupted run starts again without trusting partial files.
+    """
+    import shutil
+
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from .pipeline import plan_recipes, run_stage, targets_of
+
+    tf, info = _load_targets(targets_file, model)
+    d = tf.defaults
+    targets = targets_of(tf, list(only))
+    recipes, index = plan_recipes(targets)
+    if not recipes:
+        click.echo("nothing to quantize for these targets")
+        return
+    with Progress(transient=True) as prog:
+        task = prog.add_task("canonical pass", total=info.n_layers * 7 * len(recipes))
+        run = run_stage(info, recipes, calibration or d.calibration, samples or d.samples, seq_len or d.seq_len,
+                        d.seed, sequential=not fp_inputs, cache_dir=cache_dir,
+                        progress=lambda mod, li, n: prog.advance(task))
+    table = Table(title=f"canonical results (calibration {run.calibration.sha256[:12]}…)")
+    for col in ("recipe", "targets", "transform", "method", "grids", "cache", "path"):
+        table.add_column(col)
+    for i, (r, p, hit) in enumerate(zip(recipes, run.paths, run.cache_hits, strict=True)):
+        names = ", ".join(n for n, j in index.items() if j == i)
+        dest = p
+        if out is not None:
+            dest = out / p.name
+            if dest.exists():
+                shutil.rmtree(dest)
+            shutil.copytree(p, dest)
+        table.add_row(r.key(), names, r.transform, r.method, " ".join(r.grids), "hit" if hit else "new", str(dest))
+    _console().print(table)
+
+
+@cli.command("eval", epilog="Example:  quantprism eval ~/.cache/quantprism/canonical/3f2a… --grid int4_g128_sym_fp16")
+@click.argument("canonical", type=click.Path(path_type=Path))
+@click.option("--grid", default=None, help="Grid to evaluate (default: the recipe's first grid).")
+@click.option("--model", default=None, help="The original model (default: the one recorded in the result).")
+@click.option("--eval-text", default=None, help="Held-out text (default: the bundled evaluation text).")
+@click.option("--chunks", type=int, default=None, help="Score only the first N 512-token chunks.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the summary as JSON.")
+def eval_cmd(canonical: Path, grid: str | None, model: str | None, eval_text: str | None, chunks: int | None,
+             json_out: Path | None) -> None:
+    """Compare a canonical result with the original model, teacher-forced on held-out text.
+
+    Prints mean KLD(original‖quantized) with percentiles, top-1 agreement and the PPL ratio
+    (llama-perplexity's definitions). Linears use GRID; lm_head/embeddings use it where solved.
+    """
+    from rich.table import Table
+
+    from .calibration import eval_text_path
+    from .errors import ConfigError
+    from .evaluate.canonical import Evaluator, canonical_overrides
+    from .manifest import write_json_atomic
+    from .model import load_model_info
+    from .quantize import store
+
+    res, prov = store.load(canonical)
+    gid = grid or res.recipe.grids[0]
+    solved = {g for grids in res.quant.values() for g in grids}
+    if gid not in solved:
+        raise ConfigError(f"{canonical}: grid {gid!r} was not solved; available: {', '.join(sorted(solved))}")
+    info = load_model_info(model or prov.get("model"))
+    if prov.get("model_sha256") and prov["model_sha256"] != info.weights_sha256:
+        raise ConfigError(f"{info.path}: weights differ from the model this result was made from; pass --model")
+    ev = Evaluator(info, eval_text_path(eval_text), max_chunks=chunks)
+    s = ev.evaluate(canonical_overrides(res, lambda mod: gid))
+    table = Table(title=f"{canonical.name} · {gid} vs original ({s['n_tokens']} tokens)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k in ("kld_mean", "kld_median", "kld_p99", "kld_p99.9", "kld_max", "top1_agreement", "ppl", "ppl_base", "ppl_ratio"):
+        table.add_row(k, f"{s[k]:.6g}")
+    _console().print(table)
+    if json_out:
+        write_json_atomic(json_out, {"canonical": str(canonical), "grid": gid, **s})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        rv = cli.main(args=argv, prog_name="quantprism", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except QuantprismError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        print("error: aborted", file=sys.stderr)
+        return 130
+    except click.ClickException as e:
+        print(f"error: {e.format_message()} (see 'quantprism --help')", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""targets.toml: the deployment matrix.
+
+```toml
+[defaults]                       # every key optional
+model = "builtin"                # a local HF directory (safetensors), or the bundled reference model
+calibration = "builtin"          # .txt, .jsonl (field "text"), a directory of .txt, or "builtin"
+samples = 128
+seq_len = 512
+seed = 0
+eval_text = "builtin"
+
+[target.llamacpp-cpu-q4km]
+format = "gguf"                  # gguf | gptq | awq | compressed-tensors | onnx
+runtime = "llamacpp"             # llamacpp | vllm | onnxruntime
+quant = "Q4_K_M"                 # GGUF file type, or a scheme for compressed-tensors / onnx
+method = "gptq"                  # rtn | gptq | awq | awq+gptq | smoothquant+rtn | smoothquant+gptq
+hardware = "cpu-avx2"            # label; the CI matrix maps it to runners
+[target.llamacpp-cpu-q4km.gates]
+max_kld = 0.05
+```
+
+Validation is in two steps: `parse_targets` checks keys, types and combinations that are impossible
+for any model; `check_target_against_model` checks the shape rules (block and group divisibility)
+against one model. Errors name the file, the table and the key, on one line.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+FORMAT_RUNTIMES: dict[str, tuple[str, ...]] = {
+    "gguf": ("llamacpp",),
+    "gptq": ("vllm",),
+    "awq": ("vllm",),
+    "compressed-tensors": ("vllm",),
+    "onnx": ("onnxruntime",),
+}
+GGUF_QUANTS = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16")
+# K-quant super-block (256) or Q8_0 block (32): in_features must be a multiple of it.
+GGUF_BLOCK = {"Q4_K_M": 256, "Q5_K_M": 256, "Q6_K": 256, "Q8_0": 32, "F16": 1}
+CT_SCHEMES = ("W4A16", "W8A16", "W8A8")
+ONNX_SCHEMES = ("nbits8", "w8a8", "nbits4")
+METHODS = ("rtn", "gptq", "awq", "awq+gptq", "smoothquant+rtn", "smoothquant+gptq")
+GATES = {
+    "max_kld": float,
+    "max_kld_p99": float,
+    "min_top1": float,
+    "max_ppl_ratio": float,
+    "min_decode_tok_s": float,
+    "min_prefill_tok_s": float,
+    "max_ttft_ms": float,
+    "max_bits_per_weight": float,
+    "max_size_mb": float,
+}
+DEFAULT_KEYS = {
+    "model": str, "calibration": str, "samples": int, "seq_len": int, "seed": int, "eval_text": str,
+}
+TARGET_KEYS: dict[str, Any] = {
+    "format": str, "runtime": str, "quant": str, "bits": int, "group_size": int, "symmetric": bool,
+    "method": str, "hardware": str, "description": str, "damp": float, "clip_search": bool,
+    "act_order": bool, "smoothquant_alpha": float, "imatrix": bool, "threads": int,
+    "protect": int, "max_bpw": float, "gates": dict,
+}
+
+
+@dataclass(frozen=True)
+class Defaults:
+    model: str = "builtin"
+    calibration: str = "builtin"
+    samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    eval_text: str = "builtin"
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    format: str
+    runtime: str
+    method: str = "gptq"
+    quant: str | None = None
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = True
+    hardware: str = "cpu"
+    description: str = ""
+    damp: float = 0.01
+    clip_search: bool = True
+    act_order: bool = False
+    smoothquant_alpha: float = 0.5
+    imatrix: bool = True
+    threads: int | None = None
+    protect: int = 0
+    max_bpw: float | None = None
+    gates: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def scheme(self) -> str:
+        """A short human label for the quantization: Q4_K_M, W4G128-sym, W8A8, nbits8 …"""
+        if self.quant:
+            return self.quant
+        gs = "C" if self.group_size == -1 else f"G{self.group_size}"
+        return f"W{self.bits}{gs}-{'sym' if self.symmetric else 'asym'}"
+
+
+@dataclass(frozen=True)
+class TargetsFile:
+    path: Path
+    defaults: Defaults
+    targets: dict[str, Target]
+
+
+def _type_name(t: Any) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "true/false", dict: "a table"}[t]
+
+
+def _check_type(where: str, key: str, value: Any, expected: Any) -> Any:
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, bool):
+        raise ConfigError(f"{where} key '{key}': expected {_type_name(expected)}, got {value!r}")
+    if not isinstance(value, expected):
+        raise ConfigError(f"{where} key '{key}': expected {_type_name(expected)}, got {value!r}")
+    return value
+
+
+def _closest(key: str, options: list[str]) -> str:
+    import difflib
+
+    near = difflib.get_close_matches(key, options, n=1)
+    return f" (did you mean '{near[0]}'?)" if near else f" (allowed: {', '.join(sorted(options))})"
+
+
+def parse_targets(path: Path | str) -> TargetsFile:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such targets file; pass --targets PATH or create targets.toml")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    for key in data:
+        if key not in ("defaults", "target"):
+            raise ConfigError(f"{path}: unknown top-level table '{key}'{_closest(key, ['defaults', 'target'])}")
+    raw_defaults = data.get("defaults", {})
+    if not isinstance(raw_defaults, dict):
+        raise ConfigError(f"{path}: 'defaults' must be a table")
+    dvals: dict[str, Any] = {}
+    for key, value in raw_defaults.items():
+        if key not in DEFAULT_KEYS:
+            raise ConfigError(f"{path}: [defaults] unknown key '{key}'{_closest(key, list(DEFAULT_KEYS))}")
+        dvals[key] = _check_type(f"{path}: [defaults]", key, value, DEFAULT_KEYS[key])
+    defaults = Defaults(**dvals)
+    if defaults.samples < 1:
+        raise ConfigError(f"{path}: [defaults] key 'samples': must be ≥ 1, got {defaults.samples}")
+    if defaults.seq_len < 8:
+        raise ConfigError(f"{path}: [defaults] key 'seq_len': must be ≥ 8, got {defaults.seq_len}")
+
+    raw_targets = data.get("target", {})
+    if not isinstance(raw_targets, dict) or not raw_targets:
+        raise ConfigError(f"{path}: no [target.NAME] tables; add at least one target")
+    targets = {name: _parse_target(path, name, raw) for name, raw in raw_targets.items()}
+    return TargetsFile(path=path, defaults=defaults, targets=targets)
+
+
+def _parse_target(path: Path, name: str, raw: Any) -> Target:
+    where = f"{path}: [target.{name}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table")
+    vals: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in TARGET_KEYS:
+            raise ConfigError(f"{where} unknown key '{key}'{_closest(key, list(TARGET_KEYS))}")
+        vals[key] = _check_type(where, key, value, TARGET_KEYS[key])
+    for req in ("format", "runtime"):
+        if req not in vals:
+            raise ConfigError(f"{where} missing key '{req}'")
+    gates: dict[str, float] = {}
+    for gkey, gval in vals.pop("gates", {}).items():
+        if gkey not in GATES:
+            raise ConfigError(f"{path}: [target.{name}.gates] unknown key '{gkey}'{_closest(gkey, list(GATES))}")
+        gates[gkey] = _check_type(f"{path}: [target.{name}.gates]", gkey, gval, GATES[gkey])
+    fmt, runtime = vals["format"], vals["runtime"]
+    if fmt not in FORMAT_RUNTIMES:
+        raise ConfigError(f"{where} key 'format': unknown format '{fmt}'{_closest(fmt, list(FORMAT_RUNTIMES))}")
+    if runtime not in FORMAT_RUNTIMES[fmt]:
+        raise ConfigError(
+            f"{where} key 'runtime': {runtime!r} cannot load format {fmt!r}; use {' or '.join(FORMAT_RUNTIMES[fmt])}"
+        )
+    method = vals.get("method", "gptq")
+    if method not in METHODS:
+        raise ConfigError(f"{where} key 'method': unknown method '{method}'{_closest(method, list(METHODS))}")
+    _check_combination(where, fmt, method, vals)
+    return Target(name=name, gates=gates, **vals)
+
+
+def _check_combination(where: str, fmt: str, method: str, vals: dict[str, Any]) -> None:
+    quant = vals.get("quant")
+    bits = vals.get("bits", 4)
+    gs = vals.get("group_size", 128)
+    sym = vals.get("symmetric", True)
+    if not 2 <= bits <= 8:
+        raise ConfigError(f"{where} key 'bits': {bits} is out of range; use 2–8")
+    if gs != -1 and (gs < 16 or gs & (gs - 1)):
+        raise ConfigError(f"{where} key 'group_size': {gs} must be -1 (per channel) or a power of two ≥ 16")
+    if "damp" in vals and not 0 < vals["damp"] < 1:
+        raise ConfigError(f"{where} key 'damp': {vals['damp']} must be in (0, 1); 0.01 is typical")
+    if "smoothquant_alpha" in vals and not 0 <= vals["smoothquant_alpha"] <= 1:
+        raise ConfigError(f"{where} key 'smoothquant_alpha': {vals['smoothquant_alpha']} must be in [0, 1]")
+    if "max_bpw" in vals and vals["max_bpw"] <= 0:
+        raise ConfigError(f"{where} key 'max_bpw': must be > 0")
+    if vals.get("protect", 0) < 0:
+        raise ConfigError(f"{where} key 'protect': must be ≥ 0")
+    act_quant = (fmt == "compressed-tensors" and quant == "W8A8") or (fmt == "onnx" and quant == "w8a8")
+    if method.startswith("smoothquant") and not act_quant:
+        raise ConfigError(
+            f"{where} key 'method': SmoothQuant only helps when activations are quantized; "
+            "use it with compressed-tensors quant=\"W8A8\" or onnx quant=\"w8a8\""
+        )
+    if fmt == "gguf":
+        if quant not in GGUF_QUANTS:
+            raise ConfigError(f"{where} key 'quant': GGUF needs one of {', '.join(GGUF_QUANTS)}, got {quant!r}")
+        if method.startswith("awq") and quant in ("Q8_0", "F16"):
+            raise ConfigError(f"{where} key 'method': AWQ scaling has no effect at {quant}; use rtn or gptq")
+    elif fmt == "gptq":
+        if quant is not None:
+            raise ConfigError(f"{where} key 'quant': GPTQ is set by bits/group_size, remove 'quant'")
+        if bits not in (4, 8):
+            raise ConfigError(f"{where} key 'bits': vLLM loads GPTQ with 4 or 8 bits only, got {bits}")
+        if not sym:
+            raise ConfigError(f"{where} key 'symmetric': vLLM 0.32 cannot load asymmetric GPTQ; set symmetric = true or use format \"awq\"")
+        if vals.get("act_order"):
+            raise ConfigError(f"{where} key 'act_order': vLLM ignores g_idx; act-order with groups is refused (set false)")
+    elif fmt == "awq":
+        if quant is not None:
+            raise ConfigError(f"{where} key 'quant': AWQ is set by bits/group_size, remove 'quant'")
+        if bits != 4:
+            raise ConfigError(f"{where} key 'bits': AWQ checkpoints are 4-bit, got {bits}")
+        if sym:
+            raise ConfigError(f"{where} key 'symmetric': the AWQ format stores zero points; set symmetric = false")
+        if gs == -1:
+            raise ConfigError(f"{where} key 'group_size': AWQ needs a group size (32/64/128)")
+    elif fmt == "compressed-tensors":
+        if quant not in CT_SCHEMES:
+            raise ConfigError(f"{where} key 'quant': compressed-tensors needs one of {', '.join(CT_SCHEMES)}, got {quant!r}")
+        want_bits = 4 if quant == "W4A16" else 8
+        if vals.get("bits", want_bits) != want_bits:
+            raise ConfigError(f"{where} key 'bits': {quant} means {want_bits}-bit weights, got {bits}")
+        if quant == "W8A8" and vals.get("group_size", -1) != -1:
+            raise ConfigError(f"{where} key 'group_size': W8A8 weights are per channel; set group_size = -1")
+        if quant == "W8A8" and not sym:
+            raise ConfigError(f"{where} key 'symmetric': W8A8 int8 weights are symmetric; set symmetric = true")
+    elif fmt == "onnx":
+        if quant not in ONNX_SCHEMES:
+            raise ConfigError(f"{where} key 'quant': ONNX needs one of {', '.join(ONNX_SCHEMES)}, got {quant!r}")
+        if quant == "w8a8" and vals.get("group_size", -1) != -1:
+            raise ConfigError(f"{where} key 'group_size': w8a8 (MatMulInteger) weights are per channel; set group_size = -1")
+        if quant in ("nbits8", "nbits4") and gs == -1:
+            raise ConfigError(f"{where} key 'group_size': MatMulNBits needs a block size (32/64/128)")
+    if method.startswith("awq") and fmt in ("gguf", "onnx") and quant in ("w8a8",):
+        raise ConfigError(f"{where} key 'method': AWQ targets weight-only grids")
+
+
+def effective_bits_group(t: Target) -> tuple[int, int]:
+    """Weight bits and group size of a target's main grid (group -1 = per channel)."""
+    if t.format == "gguf":
+        return {"Q4_K_M": (4, 32), "Q5_K_M": (5, 32), "Q6_K": (6, 16), "Q8_0": (8, 32), "F16": (16, -1)}[t.quant or ""]
+    if t.format == "compressed-tensors" and t.quant in ("W8A8", "W8A16"):
+        return 8, -1 if t.quant == "W8A8" else t.group_size
+    if t.format == "onnx":
+        if t.quant == "w8a8":
+            return 8, -1
+        return (8 if t.quant == "nbits8" else 4), t.group_size
+    return t.bits, t.group_size
+
+
+def check_target_against_model(t: Target, linear_shapes: dict[str, tuple[int, int]]) -> str | None:
+    """Why ``t`` cannot be built for a model with these linear weights (out, in), or None if it can."""
+    if t.format == "gguf":
+        block = GGUF_BLOCK[t.quant or "F16"]
+        for name, (_, k) in linear_shapes.items():
+            if k % block:
+                return (
+                    f"{t.quant} needs in_features divisible by {block}, but {name} has {k}; "
+                    "choose Q8_0 or another model"
+                )
+        return None
+    bits, gs = effective_bits_group(t)
+    for name, (n, k) in linear_shapes.items():
+        if name.endswith("lm_head") or name.endswith("embed_tokens"):
+            continue  # kept in high precision by every vLLM/ONNX exporter
+        if gs != -1 and k % gs:
+            return f"group_size {gs} does not divide in_features {k} of {name}; use a divisor of {k}"
+        if t.runtime == "vllm" and (n % 32 or k % 32):
+            return f"{name} is {n}x{k}; vLLM's quantized kernels need both sizes to be multiples of 32"
+    return None

@@ -1,0 +1,1 @@
+"""Exporters: pure packers of canonical codes into each runtime's native format."""

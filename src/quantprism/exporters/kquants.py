@@ -1,0 +1,112 @@
+"""Byte packers for GGML block types (layouts: shared/reference/gguf-kquants.md §1).
+
+Pure re-layout of canonical codes and block parameters into little-endian GGML blocks,
+vectorised over all blocks of a tensor; one function per type, registered by type name.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+QK_K = 256
+BLOCK = {"Q8_0": (32, 34), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
+
+
+def _fp16_bytes(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(x, dtype=np.float32).astype("<f2")).view(np.uint8).reshape(*np.shape(x), 2)
+
+
+def pack_scales_k4(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """8 six-bit scales and 8 six-bit mins → 12 bytes (get_scale_min_k4's inverse). sc, m: [..., 8]."""
+    sc = sc.astype(np.uint8)
+    m = m.astype(np.uint8)
+    out = np.zeros((*sc.shape[:-1], 12), dtype=np.uint8)
+    out[..., 0:4] = (sc[..., 0:4] & 63) | ((sc[..., 4:8] >> 4) << 6)
+    out[..., 4:8] = (m[..., 0:4] & 63) | ((m[..., 4:8] >> 4) << 6)
+    out[..., 8:12] = (sc[..., 4:8] & 0xF) | ((m[..., 4:8] & 0xF) << 4)
+    return out
+
+
+def unpack_scales_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    sc = np.empty((*s.shape[:-1], 8), dtype=np.uint8)
+    m = np.empty_like(sc)
+    sc[..., 0:4] = s[..., 0:4] & 63
+    m[..., 0:4] = s[..., 4:8] & 63
+    sc[..., 4:8] = (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)
+    m[..., 4:8] = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
+    return sc, m
+
+
+def _low_nibbles_k(q: np.ndarray) -> np.ndarray:
+    """[B, 256] codes → qs[128]: byte 32c+l = e[64c+l] | e[64c+32+l] << 4."""
+    q = q.reshape(-1, 4, 2, 32)
+    return ((q[:, :, 0, :] & 0xF) | ((q[:, :, 1, :] & 0xF) << 4)).reshape(-1, 128).astype(np.uint8)
+
+
+def pack_q4_k(codes: np.ndarray, d: np.ndarray, dmin: np.ndarray, sc: np.ndarray, m: np.ndarray) -> bytes:
+    R, K = codes.shape
+    B = R * K // QK_K
+    out = np.empty((B, 144), dtype=np.uint8)
+    out[:, 0:2] = _fp16_bytes(d.reshape(B))
+    out[:, 2:4] = _fp16_bytes(dmin.reshape(B))
+    out[:, 4:16] = pack_scales_k4(sc.reshape(B, 8), m.reshape(B, 8))
+    out[:, 16:144] = _low_nibbles_k(codes.reshape(B, 256))
+    return out.tobytes()
+
+
+def pack_q5_k(codes: np.ndarray, d: np.ndarray, dmin: np.ndarray, sc: np.ndarray, m: np.ndarray) -> bytes:
+    R, K = codes.shape
+    B = R * K // QK_K
+    q = codes.reshape(B, 256)
+    out = np.empty((B, 176), dtype=np.uint8)
+    out[:, 0:2] = _fp16_bytes(d.reshape(B))
+    out[:, 2:4] = _fp16_bytes(dmin.reshape(B))
+    out[:, 4:16] = pack_scales_k4(sc.reshape(B, 8), m.reshape(B, 8))
+    hi = ((q >> 4) & 1).reshape(B, 8, 32)  # bit j of qh[l] = bit 4 of element 32j + l
+    qh = np.zeros((B, 32), dtype=np.uint8)
+    for j in range(8):
+        qh |= (hi[:, j, :] << j).astype(np.uint8)
+    out[:, 16:48] = qh
+    out[:, 48:176] = _low_nibbles_k(q)
+    return out.tobytes()
+
+
+def pack_q6_k(codes: np.ndarray, d: np.ndarray, sc: np.ndarray) -> bytes:
+    R, K = codes.shape
+    B = R * K // QK_K
+    e = codes.reshape(B, 2, 4, 32).astype(np.uint8)  # half h, quarter c, lane l → element 128h + 32c + l
+    lo = e & 0xF
+    hi = e >> 4
+    ql = np.empty((B, 2, 64), dtype=np.uint8)
+    ql[:, :, 0:32] = lo[:, :, 0] | (lo[:, :, 2] << 4)
+    ql[:, :, 32:64] = lo[:, :, 1] | (lo[:, :, 3] << 4)
+    qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
+    out = np.empty((B, 210), dtype=np.uint8)
+    out[:, 0:128] = ql.reshape(B, 128)
+    out[:, 128:192] = qh.reshape(B, 64)
+    out[:, 192:208] = sc.reshape(B, 16).astype(np.int8).view(np.uint8)
+    out[:, 208:210] = _fp16_bytes(d.reshape(B))
+    return out.tobytes()
+
+
+def pack_q8_0(codes: np.ndarray, d: np.ndarray) -> bytes:
+    R, K = codes.shape
+    B = R * K // 32
+    out = np.empty((B, 34), dtype=np.uint8)
+    out[:, 0:2] = _fp16_bytes(d.reshape(B))
+    out[:, 2:34] = (codes.reshape(B, 32).astype(np.int16) - 128).astype(np.int8).view(np.uint8)
+    return out.tobytes()
+
+
+PACKERS: dict[str, Callable[..., bytes]] = {
+    "Q4_K": lambda p: pack_q4_k(p["codes"], p["d"], p["dmin"], p["sc"], p["m"]),
+    "Q5_K": lambda p: pack_q5_k(p["codes"], p["d"], p["dmin"], p["sc"], p["m"]),
+    "Q6_K": lambda p: pack_q6_k(p["codes"], p["d"], p["sc"]),
+    "Q8_0": lambda p: pack_q8_0(p["codes"], p["d"]),
+}
+
+
+def pack(qtype: str, params: dict[str, np.ndarray]) -> bytes:
+    """Bytes of one tensor in GGML type ``qtype`` from canonical codes and block parameters."""
+    return PACKERS[qtype](params)

@@ -1,0 +1,162 @@
+"""The build plan: targets → recipes → one canonical pass (cached) → exports → validation.
+
+Targets that share a transform and rounding settings share one recipe (their grids are merged);
+all recipes are solved in ONE calibration pass over the model. Results are cached by content
+(model sha256, calibration sha256, recipe, chain recipe, pass settings).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .calibration import CalibrationSet, build_calibration
+from .config import Target, TargetsFile
+from .exporters.grids import grid_needs
+from .model import ModelInfo, load_tokenizer, load_torch_model
+from .quantize import store
+from .quantize.mixed import higher_grid, plan, sensitivity
+from .quantize.stage import CanonicalModel, Recipe, StageSettings, run_canonical
+
+METHOD_TO_RECIPE = {
+    "rtn": ("none", "rtn"), "gptq": ("none", "gptq"), "awq": ("awq", "rtn"), "awq+gptq": ("awq", "gptq"),
+    "smoothquant+rtn": ("smoothquant", "rtn"), "smoothquant+gptq": ("smoothquant", "gptq"),
+}
+
+
+def _base_recipe(t: Target) -> Recipe:
+    transform, method = METHOD_TO_RECIPE[t.method]
+    needs = grid_needs(t)
+    grids = needs.grids
+    mixed = bool(grids) and (t.protect > 0 or t.max_bpw is not None)
+    if mixed:  # protected tensors need the next grid up, solved in the same pass
+        grids = tuple(dict.fromkeys(grids + (higher_grid(grids[0]),)))
+    return Recipe(grids=grids, transform=transform, method=method, head_grids=needs.head,
+                  embed_grids=needs.embed, awq_grid=grids[0] if transform == "awq" and grids else None,
+                  sq_alpha=t.smoothquant_alpha, damp=t.damp, clip=t.clip_search, act_order=t.act_order,
+                  sensitivity=mixed)
+
+
+def plan_recipes(targets: list[Target]) -> tuple[list[Recipe], dict[str, int]]:
+    """Merge targets into recipes: same transform/method/settings → one recipe with the union of grids."""
+    recipes: list[Recipe] = []
+    index: dict[str, int] = {}
+    for t in targets:
+        r = _base_recipe(t)
+        if not r.grids:
+            continue  # nothing to quantize (e.g. GGUF F16)
+        for i, other in enumerate(recipes):
+            same = (other.transform, other.method, other.damp, other.clip, other.act_order, other.sq_alpha,
+                    other.awq_grid) == (r.transform, r.method, r.damp, r.clip, r.act_order, r.sq_alpha, r.awq_grid)
+            if same:
+                def merge(a, b):
+                    return tuple(dict.fromkeys(a + b))
+
+                recipes[i] = Recipe(merge(other.grids, r.grids), r.transform, r.method,
+                                    merge(other.head_grids, r.head_grids), merge(other.embed_grids, r.embed_grids),
+                                    r.awq_grid, r.sq_alpha, r.damp, r.clip, r.act_order,
+                                    other.sensitivity or r.sensitivity)
+                index[t.name] = i
+                break
+        else:
+            index[t.name] = len(recipes)
+            recipes.append(r)
+    return recipes, index
+
+
+@dataclass
+class CanonicalRun:
+    results: list[CanonicalModel]
+    paths: list[Path]
+    calibration: CalibrationSet
+    cache_hits: list[bool] = field(default_factory=list)
+    counter: dict = field(default_factory=dict)
+
+
+def run_stage(info: ModelInfo, recipes: list[Recipe], calibration: str | None, samples: int, seq_len: int,
+              seed: int, sequential: bool = True, cache_dir: Path | None = None,
+              progress: Callable[[str, int, int], None] | None = None) -> CanonicalRun:
+    """Solve every recipe in one pass, reusing cached results; the first recipe is the chain."""
+    import torch
+
+    cache_dir = cache_dir or store.default_cache_dir()
+    tok = load_tokenizer(info)
+    calib = build_calibration(tok, calibration, samples, seq_len, seed,
+                              max_positions=info.config.get("max_position_embeddings"))
+    settings = StageSettings(recipes=list(recipes), sequential=sequential)
+    keys = [store.cache_key(info.weights_sha256, calib.sha256, r, recipes[0], sequential, settings.sample_tokens)
+            for r in recipes]
+    paths = [cache_dir / k for k in keys]
+    hits = [(p / store.TENSORS).is_file() and (p / store.META).is_file() for p in paths]
+    counter: dict = {}
+    if all(hits):
+        results = [store.load(p)[0] for p in paths]
+    else:
+        torch.manual_seed(seed)
+        model = load_torch_model(info)
+        # the partial directory is keyed by every result of the pass: a resumed run must be the same pass
+        ckpt = store.LayerCheckpoint(cache_dir / f"partial-{store.sha_of(keys)}")
+        results = run_canonical(model, calib.input_ids, settings, progress=progress, counter=counter, checkpoint=ckpt)
+        for res in results:
+            if res.recipe.sensitivity:
+                res.info["sensitivity"] = measure_sensitivity(model, res, calib.input_ids[:8])
+        prov = {"model": str(info.path), "model_sha256": info.weights_sha256, "calibration": calib.record()}
+        for res, p, hit in zip(results, paths, hits, strict=True):
+            if not hit:
+                store.save(res, p, prov)
+        ckpt.clear()
+    return CanonicalRun(results, paths, calib, hits, counter)
+
+
+def measure_sensitivity(model, res: CanonicalModel, ids) -> dict[str, dict[str, float]]:
+    """Per-tensor sensitivity of every grid of ``res`` except the protection grids."""
+    import torch
+
+    from .evaluate.canonical import canonical_overrides
+
+    out = {}
+    base = canonical_overrides(res, lambda mod: None)  # transformed fp tensors only
+    for gid in res.recipe.grids[:1]:
+        q = {mod: torch.from_numpy(grids[gid].dequantize()) for mod, grids in res.quant.items() if gid in grids}
+        out[gid] = sensitivity(model, base, q, ids)
+    return out
+
+
+def target_plan(t: Target, res: CanonicalModel) -> dict | None:
+    """The mixed-precision plan of one target (None when it asks for none)."""
+    if not (t.protect > 0 or t.max_bpw is not None):
+        return None
+    main = grid_needs(t).grids[0]
+    sens = res.info.get("sensitivity", {}).get(main)
+    if sens is None:
+        return None
+    sizes = {mod: int(res.quant[mod][main].codes.size) for mod in sens}
+    return plan(sens, sizes, main, protect=t.protect, max_bpw=t.max_bpw)
+
+
+def targets_of(tf: TargetsFile, only: list[str] | None) -> list[Target]:
+    from .errors import ConfigError
+
+    if not only:
+        return list(tf.targets.values())
+    missing = [n for n in only if n not in tf.targets]
+    if missing:
+        raise ConfigError(f"{tf.path}: no target named {missing[0]!r}; targets: {', '.join(tf.targets)}")
+    return [tf.targets[n] for n in only]
+
+
+def canonical_choice(res: CanonicalModel, grid: str | None = None) -> Callable[[str], str | None]:
+    """Which grid to dequantize per module when building the canonical torch model of one grid."""
+    main = grid or res.recipe.grids[0]
+
+    def choose(mod: str) -> str | None:
+        grids = res.quant.get(mod, {})
+        if main in grids:
+            return main
+        return None
+
+    return choose
+
+
+def resolve_path(p: str | Path | None) -> Path | None:
+    return None if p is None else Path(p)

@@ -1,0 +1,1 @@
+"""The canonical stage: calibration statistics, transforms, grids, GPTQ/RTN, mixed precision."""

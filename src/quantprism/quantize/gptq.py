@@ -1,0 +1,103 @@
+"""GPTQ (Frantar et al. 2022), written once and generic over grids.
+
+Cholesky form of the inverse Hessian, lazy block updates, dampening as a setting. Group
+parameters are fitted when the sweep enters a group, on the error-updated weights of that whole
+group (the block size is a multiple of the group so those weights are final). ``act_order``
+uses static groups: parameters are fitted on the original weights first, then columns are
+visited in decreasing Hessian-diagonal order — group membership stays ``col // group``, which
+is what runtimes that ignore ``g_idx`` (vLLM) compute.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from .grids import Grid, Params, QuantizedTensor
+
+
+def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp·mean(diag H); retries with more damping."""
+    H = H.double()
+    mean_diag = torch.diag(H).mean().clamp_min(1e-12)
+    for attempt in range(6):
+        lam = damp * (10**attempt) * mean_diag
+        Hd = H + lam * torch.eye(H.shape[0], dtype=H.dtype)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info2) == 0:
+                return U.float()
+    raise RuntimeError("Hessian is not positive definite even with heavy dampening")
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """The column sweep is thousands of tiny ops: thread hand-offs cost more than they give."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(min(n, old))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.01, clip: bool = True,
+                  act_order: bool = False, block: int = 128) -> QuantizedTensor:
+    """Quantize W [N, K] on ``grid`` minimising the proxy ‖(W − Q)X‖² with H = 2XᵀX/n."""
+    W = W.detach().float().clone()
+    N, K = W.shape
+    H = H.detach().float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    importance = torch.diag(H).clone()  # imatrix-like weighting for the group fits
+    gc = grid.group_cols(K)
+    n_groups = K // gc
+
+    groups: list[Params | None] = [None] * n_groups
+    perm = torch.arange(K)
+    if act_order:
+        for g in range(n_groups):  # static groups: fit on the original weights
+            groups[g] = grid.fit(W[:, g * gc : (g + 1) * gc], importance[g * gc : (g + 1) * gc], clip)
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    U = inverse_hessian_cholesky(H, damp)
+
+    B = gc * max(1, block // gc) if gc <= max(block, 256) else block
+    if gc > B and not act_order:  # per-channel (or huge groups): fit once on the whole row range
+        for g in range(n_groups):
+            groups[g] = grid.fit(W[:, g * gc : (g + 1) * gc], importance[g * gc : (g + 1) * gc], clip)
+    Q = torch.zeros(N, K)
+    with _threads(1 if N * B < (1 << 20) else 2):
+        _sweep(W, U, Q, groups, grid, importance, perm, gc, B, clip)
+    if act_order:
+        inv = torch.argsort(perm)
+        Q = Q[:, inv]
+    return grid.stack([g for g in groups if g is not None], Q)
+
+
+def _sweep(W: torch.Tensor, U: torch.Tensor, Q: torch.Tensor, groups: list, grid: Grid,
+           importance: torch.Tensor, perm: torch.Tensor, gc: int, B: int, clip: bool) -> None:
+    K = W.shape[1]
+    for i1 in range(0, K, B):
+        i2 = min(i1 + B, K)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            g, j = divmod(col, gc)
+            if groups[g] is None:  # entering a group in natural order: fit on updated weights
+                groups[g] = grid.fit(W1[:, i : i + gc], importance[col : col + gc], clip)
+            p = groups[g]
+            w = W1[:, i]
+            q = grid.quant_col(w, p, j)
+            Q[:, i1 + i] = q
+            err = (w - grid.dequant_col(q, p, j)) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]

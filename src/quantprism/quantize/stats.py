@@ -1,0 +1,76 @@
+"""Per-linear-input statistics collected during the calibration forward of one decoder layer.
+
+Linears that read the same input share one record (q/k/v read the attention norm's output,
+gate/up the MLP norm's output): one Hessian ``H = 2·XᵀX/n``, the imatrix (mean x² per input
+channel, = diag(H)/2), the per-channel |x| max, and a bounded token sample kept for the
+transform searches (AWQ / SmoothQuant).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+# input group → the linears reading it, and the module whose output it is (what a scale folds into)
+INPUT_GROUPS = {
+    "attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "attn_out": ("self_attn.o_proj",),
+    "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp_out": ("mlp.down_proj",),
+}
+LINEAR_TO_GROUP = {lin: g for g, lins in INPUT_GROUPS.items() for lin in lins}
+
+
+@dataclass
+class InputStats:
+    dim: int
+    sample_tokens: int = 4096
+    xtx: torch.Tensor = field(init=False)
+    absmax: torch.Tensor = field(init=False)
+    n: int = 0
+    sample: list[torch.Tensor] = field(default_factory=list)
+    _kept: int = 0
+
+    def __post_init__(self) -> None:
+        self.xtx = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        self.absmax = torch.zeros(self.dim)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.xtx += (x.T @ x).double()  # fp32 per batch, fp64 across batches
+        self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
+        self.n += x.shape[0]
+        if self._kept < self.sample_tokens:
+            # an evenly spaced token subset of every batch keeps the sample representative
+            take = min(self.sample_tokens - self._kept, max(1, x.shape[0] // 8))
+            idx = torch.linspace(0, x.shape[0] - 1, take).long()
+            self.sample.append(x[idx].clone())
+            self._kept += take
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        return (2.0 * self.xtx / max(1, self.n)).float()
+
+    @property
+    def imatrix(self) -> torch.Tensor:
+        return (torch.diag(self.xtx) / max(1, self.n)).float()
+
+    @property
+    def x_sample(self) -> torch.Tensor:
+        return torch.cat(self.sample, 0) if self.sample else torch.zeros(0, self.dim)
+
+
+def attach_collectors(layer: torch.nn.Module, sample_tokens: int = 4096) -> tuple[dict[str, InputStats], list]:
+    """Forward pre-hooks on the first linear of each input group; returns (stats, hook handles)."""
+    stats: dict[str, InputStats] = {}
+    handles = []
+    for group, lins in INPUT_GROUPS.items():
+        mod = layer.get_submodule(lins[0])
+        st = InputStats(mod.in_features, sample_tokens)
+        stats[group] = st
+
+        def hook(_m, args, st=st):
+            st.add(args[0].detach())
+
+        handles.append(mod.register_forward_pre_hook(hook))
+    return stats, handles

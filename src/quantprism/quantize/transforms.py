@@ -1,0 +1,106 @@
+"""Per-channel scalings that are exact equivalences in floating point, chosen for their outlier strategy.
+
+A scale vector s on a linear's input channels multiplies the weight columns (W·diag(s)) and is
+divided out of whatever produces that input: the preceding RMSNorm's gain (q/k/v, gate/up), v's
+rows (o_proj, only without GQA so one v row feeds one o column) or up's rows (down_proj). The
+Hessian of the scaled input follows exactly: H' = diag(1/s)·H·diag(1/s).
+
+- AWQ: s = x̄^r / w̄^(1−r), r searched on a grid per layer against the target grid's RTN error of
+  the group's outputs (activation-aware: salient input channels get finer effective steps).
+- SmoothQuant: s = max|x|^α / max|w|^(1−α), moving activation outliers into the weights so that
+  per-token int8 activations (W8A8) lose less.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .grids import Grid
+from .stats import INPUT_GROUPS, InputStats
+
+PREDECESSOR = {
+    "attn_in": "input_layernorm",
+    "attn_out": "self_attn.v_proj",
+    "mlp_in": "post_attention_layernorm",
+    "mlp_out": "mlp.up_proj",
+}
+
+
+def foldable(layer: torch.nn.Module, group: str) -> bool:
+    if group == "attn_out":
+        v, o = layer.get_submodule("self_attn.v_proj"), layer.get_submodule("self_attn.o_proj")
+        return v.out_features == o.in_features
+    return True
+
+
+def apply_scales(layer: torch.nn.Module, group: str, s: torch.Tensor) -> None:
+    """Fold s into the group's linears (columns ×s) and its predecessor (outputs ÷s), in place."""
+    s = s.float()
+    with torch.no_grad():
+        for lin in INPUT_GROUPS[group]:
+            m = layer.get_submodule(lin)
+            m.weight.mul_(s[None, :].to(m.weight.dtype))
+        prev = layer.get_submodule(PREDECESSOR[group])
+        if isinstance(prev, torch.nn.Linear):
+            prev.weight.div_(s[:, None].to(prev.weight.dtype))
+            if prev.bias is not None:
+                prev.bias.div_(s.to(prev.bias.dtype))
+        else:  # RMSNorm gain
+            prev.weight.div_(s.to(prev.weight.dtype))
+
+
+def scaled_hessian(H: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    inv = 1.0 / s.float()
+    return H * inv[:, None] * inv[None, :]
+
+
+def _normalise(s: torch.Tensor) -> torch.Tensor:
+    s = s.clamp_min(1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def smoothquant_scales(layer: torch.nn.Module, group: str, st: InputStats, alpha: float) -> torch.Tensor:
+    wmax = torch.stack([layer.get_submodule(n).weight.detach().abs().amax(0).float() for n in INPUT_GROUPS[group]]).amax(0)
+    s = st.absmax.clamp_min(1e-5) ** alpha / wmax.clamp_min(1e-5) ** (1 - alpha)
+    return _normalise(s)
+
+
+Solver = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (scaled W, scaled H) → dequantized W
+
+
+def rtn_solver(grid: Grid) -> Solver:
+    def solve(w: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(grid.rtn(w, None, clip=False).dequantize())
+
+    return solve
+
+
+def awq_search(layer: torch.nn.Module, group: str, st: InputStats, grid: Grid, n_grid: int = 20,
+               solver: Solver | None = None) -> tuple[torch.Tensor, dict]:
+    """The ratio r ∈ [0, 1) minimising the group's output MSE with scales x̄^r/w̄^(1−r).
+
+    ``solver`` rounds the scaled weights as the recipe will (RTN by default; GPTQ for awq+gptq,
+    so the search optimises what is finally shipped, and "no scaling" stays a candidate).
+    """
+    solver = solver or rtn_solver(grid)
+    H = st.hessian
+    x = st.x_sample
+    lins = [layer.get_submodule(n) for n in INPUT_GROUPS[group]]
+    W = torch.cat([m.weight.detach().float() for m in lins], 0)
+    y_ref = x @ W.T
+    x_mean = x.abs().mean(0)
+    w_norm = W.abs() / W.abs().amax(1, keepdim=True).clamp_min(1e-8)
+    w_mean = w_norm.mean(0)
+    best = (float("inf"), -1.0, torch.ones_like(x_mean))
+    errs = []
+    for i in range(-1, n_grid):  # -1: no scaling, so AWQ never loses to plain rounding
+        r = i / n_grid
+        s = torch.ones_like(x_mean) if i < 0 else _normalise(x_mean.clamp_min(1e-4) ** r / w_mean.clamp_min(1e-4) ** (1 - r))
+        Hs = scaled_hessian(H, s)
+        Wq = torch.cat([solver(Wi * s[None, :], Hs) for Wi in W.split([m.out_features for m in lins])]) / s[None, :]
+        err = float(((x @ Wq.T - y_ref) ** 2).mean())
+        errs.append(err)
+        if err < best[0]:
+            best = (err, r, s)
+    return best[2], {"ratio": best[1], "mse": best[0], "mse_unscaled": errs[0]}
