@@ -56,12 +56,13 @@ def main() -> None:
     # Baselines on fp inputs: plain RTN (no clip search), llama.cpp's Q4_K with imatrix, textbook GPTQ.
     rtn = Recipe(grids=int_grids, method="rtn", clip=False)
     rtn_q4k = Recipe(grids=("q4_k_imat",), method="rtn", clip=False)
-    textbook = Recipe(grids=(gid(128, True),), method="gptq", clip=False, damp=0.01)
+    textbook = Recipe(grids=(gid(128, True),), method="gptq", clip=False, damp=0.01, act_order=False)
     t0 = time.time()
     base_run = run_stage(info, [textbook, rtn, rtn_q4k], sequential=False, **kw)
     t_base = time.time() - t0
 
-    # Ours: sequential GPTQ with clipping search over every grid; AWQ+GPTQ; GPTQ on the Q4_K grid.
+    # Ours: sequential GPTQ (static-group act-order) with clipping search over every grid; AWQ+GPTQ;
+    # GPTQ on the Q4_K grid.
     gptq = Recipe(grids=int_grids + ("q4_k_imat",), method="gptq", clip=True, damp=args.damp)
     awq = Recipe(grids=(gid(128, True),), transform="awq", method="gptq", clip=True, damp=args.damp,
                  awq_grid=gid(128, True))
@@ -93,7 +94,8 @@ def main() -> None:
         "q4k_rtn_imatrix_kld": kld(r_q4k, "q4_k_imat")["kld"],
         "q4k_gptq_imatrix_kld": kld(g_res, "q4_k_imat")["kld"],
         "table": table,
-        "settings": {"damp": args.damp, "sequential": True, "clip_search": True, "samples": args.samples,
+        "settings": {"damp": args.damp, "sequential": True, "clip_search": True, "act_order": "static groups",
+                     "samples": args.samples,
                      "seq_len": args.seq_len},
         "seconds": round(t_ours, 1), "seconds_baselines": round(t_base, 1), "cache_hit": all(hits),
         "peak_rss_mb": round(max(rss0, peak_rss_mb()), 1),

@@ -45,7 +45,7 @@ def child(samples: int, seq_len: int, layers: int | None) -> dict:
     return {
         "params": n_params, "layers": model.config.num_hidden_layers, "shape": SHAPE,
         "calibration": {"samples": samples, "seq_len": seq_len, "tokens": samples * seq_len},
-        "recipe": "GPTQ int4 g128 sym, sequential, clip search", "build_seconds": round(t_build, 1),
+        "recipe": "GPTQ int4 g128 sym, sequential, static-group act-order, clip search", "build_seconds": round(t_build, 1),
         "seconds": round(time.time() - t0, 1), "layer_forwards": counter.get("layer_forwards"),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "threads": torch.get_num_threads(),

@@ -64,7 +64,7 @@ def test_targets_command_prints_matrix(run_cli):
         ("[target.t]\nformat='gptq'\nruntime='vllm'\nbits=3\n", ["'bits'", "4 or 8"]),
         ("[target.t]\nformat='gptq'\nruntime='vllm'\nbits=12\n", ["'bits'", "out of range"]),
         ("[target.t]\nformat='gptq'\nruntime='vllm'\ngroup_size=96\n", ["'group_size'", "power of two"]),
-        ("[target.t]\nformat='gptq'\nruntime='vllm'\nact_order=true\n", ["'act_order'", "g_idx"]),
+        ("[target.t]\nformat='gptq'\nruntime='vllm'\nact_order='yes'\n", ["'act_order'", "true/false"]),
         ("[target.t]\nformat='awq'\nruntime='vllm'\nsymmetric=true\n", ["'symmetric'", "zero points"]),
         ("[target.t]\nformat='gptq'\nruntime='vllm'\nmethod='smoothquant+gptq'\n", ["'method'", "SmoothQuant"]),
         ("[target.t]\nformat='gptq'\nruntime='vllm'\nmethod='hqq'\n", ["'method'", "unknown method"]),

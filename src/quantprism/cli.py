@@ -117,7 +117,8 @@ def quantize_cmd(targets_file: Path, only: tuple[str, ...], model: str | None, c
     from rich.progress import Progress
     from rich.table import Table
 
-    from .pipeline import plan_recipes, run_stage, targets_of
+    from .manifest import write_json_atomic
+    from .pipeline import plan_recipes, run_stage, target_plan, targets_of
 
     tf, info = _load_targets(targets_file, model)
     d = tf.defaults
@@ -144,6 +145,12 @@ def quantize_cmd(targets_file: Path, only: tuple[str, ...], model: str | None, c
             shutil.copytree(p, dest)
         table.add_row(r.key(), names, r.transform, r.method, " ".join(r.grids), "hit" if hit else "new", str(dest))
     _console().print(table)
+    plans = {t.name: p for t in targets if (p := target_plan(t, run.results[index[t.name]])) is not None}
+    for name, p in plans.items():
+        click.echo(f"mixed precision {name}: {len(p['protected'])} tensors on {p['high_grid']} "
+                   f"({p['bits_per_weight']:.3f} bits/weight): {', '.join(p['protected'])}")
+    if out is not None and plans:
+        write_json_atomic(out / "plans.json", plans)
 
 
 @cli.command("eval", epilog="Example:  quantprism eval ~/.cache/quantprism/canonical/3f2a… --grid int4_g128_sym_fp16")

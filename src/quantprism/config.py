@@ -91,7 +91,7 @@ class Target:
     description: str = ""
     damp: float = 0.01
     clip_search: bool = True
-    act_order: bool = False
+    act_order: bool = True
     smoothquant_alpha: float = 0.5
     imatrix: bool = True
     threads: int | None = None
@@ -236,8 +236,6 @@ def _check_combination(where: str, fmt: str, method: str, vals: dict[str, Any]) 
             raise ConfigError(f"{where} key 'bits': vLLM loads GPTQ with 4 or 8 bits only, got {bits}")
         if not sym:
             raise ConfigError(f"{where} key 'symmetric': vLLM 0.32 cannot load asymmetric GPTQ; set symmetric = true or use format \"awq\"")
-        if vals.get("act_order"):
-            raise ConfigError(f"{where} key 'act_order': vLLM ignores g_idx; act-order with groups is refused (set false)")
     elif fmt == "awq":
         if quant is not None:
             raise ConfigError(f"{where} key 'quant': AWQ is set by bits/group_size, remove 'quant'")

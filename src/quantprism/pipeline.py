@@ -143,20 +143,3 @@ def targets_of(tf: TargetsFile, only: list[str] | None) -> list[Target]:
     if missing:
         raise ConfigError(f"{tf.path}: no target named {missing[0]!r}; targets: {', '.join(tf.targets)}")
     return [tf.targets[n] for n in only]
-
-
-def canonical_choice(res: CanonicalModel, grid: str | None = None) -> Callable[[str], str | None]:
-    """Which grid to dequantize per module when building the canonical torch model of one grid."""
-    main = grid or res.recipe.grids[0]
-
-    def choose(mod: str) -> str | None:
-        grids = res.quant.get(mod, {})
-        if main in grids:
-            return main
-        return None
-
-    return choose
-
-
-def resolve_path(p: str | Path | None) -> Path | None:
-    return None if p is None else Path(p)

@@ -71,3 +71,12 @@ def test_eval_refuses_non_canonical_dir(tmp_path, run_cli):
     (tmp_path / "x" / "canonical.json").write_text("{")
     rc, _, err = run_cli("eval", tmp_path / "x")
     assert_one_line_error(rc, err, "corrupt canonical result")
+
+
+def test_quantize_records_mixed_precision_plan(tmp_path, tiny_models, run_cli):
+    t = write_targets(tmp_path, tiny_models["mistral"], GPTQ + "method = \"rtn\"\nprotect = 1\n")
+    rc, out, err = run_cli("quantize", "--targets", t, "--cache-dir", tmp_path / "cache", "--out", tmp_path / "out")
+    assert rc == 0, err
+    assert "mixed precision g: 1 tensors on int8_g64_sym_fp16" in out
+    plans = json.loads((tmp_path / "out" / "plans.json").read_text())
+    assert len(plans["g"]["protected"]) == 1 and len(plans["g"]["sensitivity"]) == 14

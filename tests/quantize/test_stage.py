@@ -43,9 +43,10 @@ def _layer_inputs(model, ids, layer_idx):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("grid", [IntGrid(4, 128, True), IntGrid(4, 64, False), KQuantGrid("Q4_K", True)],
-                         ids=lambda g: g.id)
-def test_gptq_lowers_every_layer_output_error_vs_rtn(bundled, grid):
+@pytest.mark.parametrize("grid, act_order", [(IntGrid(4, 128, True), True), (IntGrid(4, 64, False), False),
+                                             (KQuantGrid("Q4_K", True), False)],
+                         ids=lambda v: v.id if hasattr(v, "id") else f"act_order={v}")
+def test_gptq_lowers_every_layer_output_error_vs_rtn(bundled, grid, act_order):
     info, calib = bundled
     model = load_torch_model(info)
     ids = calib.input_ids[:8]
@@ -61,7 +62,7 @@ def test_gptq_lowers_every_layer_output_error_vs_rtn(bundled, grid):
             X = st.x_sample
             for lin in lins:
                 W = layer.get_submodule(lin).weight.detach().float()
-                q_g = torch.from_numpy(gptq_quantize(W, st.hessian, grid).dequantize())
+                q_g = torch.from_numpy(gptq_quantize(W, st.hessian, grid, act_order=act_order).dequantize())
                 q_r = torch.from_numpy(grid.rtn(W, st.imatrix, clip=False).dequantize())
                 e_g = float(((X @ (W - q_g).T) ** 2).mean())
                 e_r = float(((X @ (W - q_r).T) ** 2).mean())

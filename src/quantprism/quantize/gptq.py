@@ -63,9 +63,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
         for g in range(n_groups):  # static groups: fit on the original weights
             groups[g] = grid.fit(W[:, g * gc : (g + 1) * gc], importance[g * gc : (g + 1) * gc], clip)
         perm = torch.argsort(torch.diag(H), descending=True)
-        W = W[:, perm]
-        H = H[perm][:, perm]
-    U = inverse_hessian_cholesky(H, damp)
+    Wp, Hp = W[:, perm], H[perm][:, perm]
+    U = inverse_hessian_cholesky(Hp, damp)
 
     B = gc * max(1, block // gc) if gc <= max(block, 256) else block
     if gc > B and not act_order:  # per-channel (or huge groups): fit once on the whole row range
@@ -73,11 +72,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
             groups[g] = grid.fit(W[:, g * gc : (g + 1) * gc], importance[g * gc : (g + 1) * gc], clip)
     Q = torch.zeros(N, K)
     with _threads(1 if N * B < (1 << 20) else 2):
-        _sweep(W, U, Q, groups, grid, importance, perm, gc, B, clip)
-    if act_order:
-        inv = torch.argsort(perm)
-        Q = Q[:, inv]
-    return grid.stack([g for g in groups if g is not None], Q)
+        _sweep(Wp, U, Q, groups, grid, importance, perm, gc, B, clip)
+    return grid.stack([g for g in groups if g is not None], Q[:, torch.argsort(perm)])
 
 
 def _sweep(W: torch.Tensor, U: torch.Tensor, Q: torch.Tensor, groups: list, grid: Grid,

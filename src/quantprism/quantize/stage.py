@@ -23,8 +23,8 @@ import torch
 
 from ..errors import QuantprismError
 from .gptq import gptq_quantize
-from .grids import QuantizedTensor, grid_from_id
-from .stats import INPUT_GROUPS, LINEAR_TO_GROUP, attach_collectors
+from .grids import IntGrid, QuantizedTensor, grid_from_id
+from .stats import LINEAR_TO_GROUP, attach_collectors
 from .transforms import apply_scales, awq_search, foldable, scaled_hessian, smoothquant_scales
 
 TRANSFORMS = ("none", "awq", "smoothquant")
@@ -43,7 +43,7 @@ class Recipe:
     sq_alpha: float = 0.5
     damp: float = 0.01
     clip: bool = True
-    act_order: bool = False
+    act_order: bool = True  # static groups: columns in decreasing H-diagonal order, groups stay col // size
     sensitivity: bool = False  # also measure per-tensor sensitivity of the main grid (mixed precision)
 
     def __post_init__(self) -> None:
@@ -70,17 +70,6 @@ class CanonicalModel:
     quant: dict[str, dict[str, QuantizedTensor]] = field(default_factory=dict)
     imatrix: dict[str, torch.Tensor] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
-
-    def dequantized_state(self, base: dict[str, torch.Tensor], choice: Callable[[str], str | None]) -> dict[str, torch.Tensor]:
-        """A full fp state dict: ``base`` overlaid with transformed tensors, then each module's
-        chosen grid (``choice(module) -> grid id or None``) dequantized in place."""
-        sd = dict(base)
-        sd.update(self.fp)
-        for mod, grids in self.quant.items():
-            gid = choice(mod)
-            if gid is not None:
-                sd[f"{mod}.weight"] = torch.from_numpy(grids[gid].dequantize())
-        return sd
 
 
 @dataclass
@@ -132,7 +121,10 @@ def _solve(W: torch.Tensor, H: torch.Tensor, imp: torch.Tensor, gid: str, r: Rec
     grid = grid_from_id(gid)
     if r.method == "rtn":
         return grid.rtn(W, imp, clip=r.clip)
-    return gptq_quantize(W, H, grid, damp=r.damp, clip=r.clip, act_order=r.act_order)
+    # k-quant super-blocks are fitted on the error-updated weights (natural order, DESIGN); int grids
+    # use static-group act-order, which measured best (benchmarks/canonical_quality.py)
+    act_order = r.act_order and isinstance(grid, IntGrid)
+    return gptq_quantize(W, H, grid, damp=r.damp, clip=r.clip, act_order=act_order)
 
 
 class Checkpoint(Protocol):
@@ -185,7 +177,7 @@ def run_canonical(model, input_ids: np.ndarray | torch.Tensor, settings: StageSe
                             solver = None
                             if r.method == "gptq":
                                 def solver(w, H, agrid=agrid, r=r):
-                                    return torch.from_numpy(gptq_quantize(w, H, agrid, r.damp, r.clip).dequantize())
+                                    return torch.from_numpy(_solve(w, H, None, agrid.id, r).dequantize())
                             s, ai = awq_search(work, group, st, agrid, n_grid=10 if solver else 20, solver=solver)
                             linfo[f"awq_{group}"] = ai
                         else:
@@ -256,4 +248,4 @@ def _solve_head_and_embeddings(model, hs: list[torch.Tensor], results: list[Cano
             res.quant["model.embed_tokens"] = {g: grid_from_id(g).rtn(E, None, clip=False) for g in res.recipe.embed_grids}
 
 
-__all__ = ["INPUT_GROUPS", "CanonicalModel", "Recipe", "StageSettings", "run_canonical"]
+__all__ = ["CanonicalModel", "Checkpoint", "Recipe", "StageSettings", "run_canonical"]
