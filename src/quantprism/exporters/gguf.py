@@ -1,0 +1,175 @@
+"""GGUF exporter: canonical codes → a file llama.cpp loads unchanged (shared/reference/gguf-kquants.md §3–4).
+
+Llama and Mistral are written as arch "llama" (q/k rows permuted from HF rotate-half to llama.cpp's
+adjacent-pair RoPE), Qwen2 as "qwen2" (NEOX RoPE, no permutation, attention biases). Per-tensor types
+follow llama.cpp's mixture rules for the file type; quantized tensors are the canonical stage's codes
+packed bit for bit (exporters/kquants.py) — no rounding happens here.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ArtifactError
+from ..model import ModelInfo
+from .kquants import pack
+
+FILE_TYPES = {"F16": 1, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
+LINEAR_NAMES = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+NORM_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def use_more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def tensor_types(file_type: str, n_layers: int, tied: bool) -> dict[str, str]:
+    """GGML type per HF module, following llama.cpp's rules for a dense model without overrides."""
+    base = {"Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K", "Q8_0": "Q8_0", "F16": "F16"}[file_type]
+    high = {"Q4_K_M": "Q6_K", "Q5_K_M": "Q6_K"}.get(file_type, base)
+    head = "Q8_0" if file_type == "Q8_0" else ("F16" if file_type == "F16" else "Q6_K")
+    out: dict[str, str] = {}
+    for i in range(n_layers):
+        for lin in LINEAR_NAMES:
+            more = lin in ("self_attn.v_proj", "mlp.down_proj") and use_more_bits(i, n_layers)
+            out[f"model.layers.{i}.{lin}"] = high if more else base
+    if tied:
+        out["model.embed_tokens"] = head  # the tied embedding takes the output rule
+    else:
+        out["model.embed_tokens"] = base
+        out["lm_head"] = head
+    return out
+
+
+def grid_for(ggml_type: str, module: str, imatrix: bool, tied: bool) -> str | None:
+    """The canonical grid a tensor's GGML type is packed from (token_embd is never imatrix-weighted)."""
+    if ggml_type == "F16":
+        return None
+    if ggml_type == "Q8_0" or (module == "model.embed_tokens" and not tied):
+        return ggml_type.lower()
+    return ggml_type.lower() + ("_imat" if imatrix else "")
+
+
+def _permute_rows(a: np.ndarray, n_head: int) -> np.ndarray:
+    """HF rotate-half → llama.cpp adjacent pairs, on the leading (output-row) axis of any array."""
+    rows = a.shape[0]
+    return a.reshape(n_head, 2, rows // n_head // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+
+
+def _tokenizer(w, info: ModelInfo) -> None:
+    tj = json.loads((info.path / "tokenizer.json").read_text(encoding="utf-8"))
+    model = tj.get("model", {})
+    if model.get("type") != "BPE" or info.tokenizer_kind != "byte-level BPE":
+        raise ArtifactError(f"{info.path}: GGUF export supports byte-level BPE tokenizers here, found {info.tokenizer_kind}")
+    vocab: dict[str, int] = dict(model["vocab"])
+    special = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+    vocab.update(special)
+    n = int(info.config["vocab_size"])
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    types = [5] * n  # unused until filled
+    for tok, i in vocab.items():
+        if i < n:
+            tokens[i] = tok
+            types[i] = 3 if tok in special else 1
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    cfg = info.config
+    if cfg.get("bos_token_id") is not None:
+        w.add_bos_token_id(int(cfg["bos_token_id"]))
+    if cfg.get("eos_token_id") is not None:
+        eos = cfg["eos_token_id"]
+        w.add_eos_token_id(int(eos[0] if isinstance(eos, list) else eos))
+    w.add_add_bos_token(False)  # the HF tokenizer adds none; runtimes prepend BOS explicitly
+
+
+def write_gguf(out: Path, info: ModelInfo, fp_state: dict, canonical, file_type: str, imatrix: bool = True,
+               provenance: dict | None = None) -> Path:
+    """Write ``out`` (a .gguf file) from the original fp tensors and a CanonicalModel."""
+    import gguf
+
+    from ..manifest import atomic_path
+
+    cfg = info.config
+    arch = "qwen2" if info.architecture == "Qwen2ForCausalLM" else "llama"
+    n_layers = int(cfg["num_hidden_layers"])
+    n_head = int(cfg["num_attention_heads"])
+    n_kv = int(cfg.get("num_key_value_heads", n_head))
+    head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // n_head)
+    types = tensor_types(file_type, n_layers, info.tied_embeddings)
+    rope = cfg.get("rope_parameters") or {}
+    with atomic_path(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch)
+        w.add_name(info.path.name)
+        w.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
+        w.add_embedding_length(int(cfg["hidden_size"]))
+        w.add_block_count(n_layers)
+        w.add_feed_forward_length(int(cfg["intermediate_size"]))
+        w.add_head_count(n_head)
+        w.add_head_count_kv(n_kv)
+        w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+        w.add_rope_freq_base(float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))))
+        w.add_rope_dimension_count(head_dim)
+        if head_dim != int(cfg["hidden_size"]) // n_head:
+            w.add_key_length(head_dim)
+            w.add_value_length(head_dim)
+        w.add_vocab_size(int(cfg["vocab_size"]))
+        w.add_file_type(FILE_TYPES[file_type])
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        prov = provenance or {}
+        w.add_string("quantprism.method", f"{canonical.recipe.transform}+{canonical.recipe.method}" if canonical else "none")
+        w.add_string("quantprism.calibration_sha256", str(prov.get("calibration", {}).get("sha256", "")))
+        w.add_string("quantprism.model_sha256", info.weights_sha256)
+        _tokenizer(w, info)
+
+        def emit(gname: str, hf: str, permute_heads: int | None = None) -> None:
+            mod = hf.removesuffix(".weight")
+            t = types.get(mod)
+            gid = grid_for(t, mod, imatrix, info.tied_embeddings) if t else None
+            if gid is not None:
+                # a tied embedding is the output matrix: the stage solved it as lm_head
+                key = "lm_head" if mod == "model.embed_tokens" and info.tied_embeddings else mod
+                if canonical is None or gid not in canonical.quant.get(key, {}):
+                    raise ArtifactError(f"canonical result has no grid {gid} for {key}; re-run quantize for {file_type}")
+                qt = canonical.quant[key][gid]
+                params = {"codes": qt.codes, **qt.params}
+                if permute_heads:
+                    params = {k: _permute_rows(v, permute_heads) for k, v in params.items()}
+                raw = np.frombuffer(pack(t, params), dtype=np.uint8).reshape(qt.codes.shape[0], -1)
+                w.add_tensor(gname, raw, raw_dtype=getattr(gguf.GGMLQuantizationType, t))
+                return
+            x = fp_state[hf].float().numpy()
+            if permute_heads:
+                x = _permute_rows(x, permute_heads)
+            w.add_tensor(gname, x.astype(np.float16 if x.ndim == 2 else np.float32))
+
+        emit("token_embd.weight", "model.embed_tokens.weight")
+        emit("output_norm.weight", "model.norm.weight")
+        if not info.tied_embeddings:
+            emit("output.weight", "lm_head.weight")
+        for i in range(n_layers):
+            p = f"model.layers.{i}"
+            for hf, g in NORM_NAMES.items():
+                emit(f"blk.{i}.{g}.weight", f"{p}.{hf}.weight")
+            for lin, g in LINEAR_NAMES.items():
+                perm = None
+                if arch == "llama" and lin in ("self_attn.q_proj", "self_attn.k_proj"):
+                    perm = n_head if lin.endswith("q_proj") else n_kv
+                emit(f"blk.{i}.{g}.weight", f"{p}.{lin}.weight", perm)
+                if f"{p}.{lin}.bias" in fp_state:
+                    b = fp_state[f"{p}.{lin}.bias"].float().numpy()
+                    w.add_tensor(f"blk.{i}.{g}.bias", b.astype(np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return out
