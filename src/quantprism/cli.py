@@ -196,6 +196,30 @@ def eval_cmd(canonical: Path, grid: str | None, model: str | None, eval_text: st
         write_json_atomic(json_out, {"canonical": str(canonical), "grid": gid, **s})
 
 
+@cli.command("validate", epilog="Example:  quantprism validate build/llamacpp-cpu-q4km/model.gguf")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--threads", type=int, default=None, help="Runtime threads (default: all cores, at most 8).")
+def validate_cmd(artifact: Path, threads: int | None) -> None:
+    """Check an artifact's structure and smoke-test it in its own runtime (GGUF → llama.cpp).
+
+    A malformed or truncated file is one line on stderr and exit 2.
+    """
+    from .errors import ArtifactError
+    from .runtimes import llamacpp
+
+    if artifact.suffix != ".gguf":
+        raise ArtifactError(f"{artifact}: unknown artifact type; validate takes a .gguf file for now")
+    info = llamacpp.check_gguf(artifact)
+    sess = llamacpp.open_session(artifact, n_ctx=256, threads=threads)
+    try:
+        prompt = sess.tokenize("def main():")
+        out = sess.generate(prompt, 16)
+    finally:
+        sess.close()
+    click.echo(f"{artifact}: {info['architecture']}, {info['tensors']} tensors, loads in llama.cpp, "
+               f"generated {len(out)} tokens with {sess.threads} threads")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit code 2."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,88 @@
+"""llama.cpp (llama-cpp-python) adapter: open a GGUF, greedy generation, teacher-forced logits, tokenization."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ArtifactError, RuntimeUnavailable
+
+
+def available() -> tuple[bool, str]:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as e:
+        return False, f"llama-cpp-python is not installed ({e}); run `make install`"
+    return True, "llama-cpp-python"
+
+
+def check_gguf(path: Path) -> dict:
+    """Structural check of a GGUF file (magic, header, tensor data inside the file); one-line errors."""
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such GGUF file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ArtifactError(f"{path}: not a GGUF file (magic {magic!r}); re-export it")
+    try:
+        reader = gguf.GGUFReader(str(path))
+        n = len(reader.tensors)
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as e:  # gguf-py raises assorted errors on damaged files
+        raise ArtifactError(f"{path}: malformed or truncated GGUF ({type(e).__name__}: {str(e)[:120]}); re-export it") from None
+    if end > path.stat().st_size:
+        raise ArtifactError(f"{path}: truncated GGUF ({path.stat().st_size} bytes, tensors need {end}); re-export it")
+    arch = reader.fields.get("general.architecture")
+    return {"tensors": n, "architecture": bytes(arch.parts[-1]).decode() if arch else None}
+
+
+class LlamaCppSession:
+    """One loaded GGUF. ``logits`` is teacher-forced over a token sequence (for KLD); ``generate`` is greedy."""
+
+    runtime = "llamacpp"
+    kernel = "native"
+
+    def __init__(self, path: Path, n_ctx: int = 512, threads: int | None = None):
+        ok, why = available()
+        if not ok:
+            raise RuntimeUnavailable(why)
+        from llama_cpp import Llama
+
+        check_gguf(path)
+        self.threads = threads or min(os.cpu_count() or 1, 8)
+        self.n_ctx = n_ctx
+        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=self.threads,
+                         n_threads_batch=self.threads, logits_all=True, verbose=False)
+        self.eos = self.llm.token_eos()
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def logits(self, ids: list[int] | np.ndarray) -> np.ndarray:
+        ids = [int(i) for i in ids]
+        self.llm.reset()
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+
+    def generate(self, ids: list[int], max_tokens: int) -> list[int]:
+        self.llm.reset()
+        self.llm.eval([int(i) for i in ids])
+        out: list[int] = []
+        for _ in range(max_tokens):
+            tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            if tok == self.eos:
+                break
+            out.append(tok)
+            self.llm.eval([tok])
+        return out
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def open_session(path: Path, n_ctx: int = 512, threads: int | None = None) -> LlamaCppSession:
+    return LlamaCppSession(path, n_ctx, threads)
