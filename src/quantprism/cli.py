@@ -201,8 +201,8 @@ def validate_cmd(artifact: Path, threads: int | None) -> None:
 
     if artifact.suffix != ".gguf":
         raise ArtifactError(f"{artifact}: unknown artifact type; validate takes a .gguf file for now")
-    info = llamacpp.check_gguf(artifact)
-    sess = llamacpp.open_session(artifact, n_ctx=256, threads=threads)
+    sess = llamacpp.open_session(artifact, n_ctx=256, threads=threads)  # checks the structure first
+    info = sess.info
     try:
         prompt = sess.tokenize("def main():")
         out = sess.generate(prompt, 16)

@@ -8,7 +8,7 @@ import pytest
 
 from quantprism.calibration import BUILTIN_EVAL
 from quantprism.config import parse_targets
-from quantprism.exporters.gguf import _permute_rows, tensor_types, use_more_bits, write_gguf
+from quantprism.exporters.gguf import _permute_rows, grid_for, tensor_types, use_more_bits, write_gguf
 from quantprism.model import load_model_info, load_tokenizer, load_torch_model
 from quantprism.pipeline import plan_recipes, run_stage
 
@@ -56,7 +56,7 @@ def test_q4km_is_lossless_and_runs_in_llama_cpp(tmp_path):
             continue
         qtype = types[mod]
         assert t.tensor_type.name == qtype, (t.name, t.tensor_type.name, qtype)
-        gid = qtype.lower() + ("" if mod == "model.embed_tokens" else "_imat")
+        gid = grid_for(qtype, mod, imatrix=True, tied=info.tied_embeddings)
         expected = res.quant[mod][gid].dequantize()
         if mod.endswith(("q_proj", "k_proj")):
             expected = _permute_rows(expected, n_head if mod.endswith("q_proj") else n_kv)
@@ -134,7 +134,7 @@ def test_smoke_top1_vs_canonical_torch_model(q4km):
 
     def choose(mod):
         t = types.get(mod)
-        return None if t is None else t.lower() + ("" if mod == "model.embed_tokens" else "_imat")
+        return None if t is None else grid_for(t, mod, imatrix=True, tied=info.tied_embeddings)
 
     ev = Evaluator(info, BUILTIN_EVAL, max_chunks=4)
     ev.state_with(canonical_overrides(res, choose))

@@ -52,7 +52,7 @@ class LlamaCppSession:
             raise RuntimeUnavailable(why)
         from llama_cpp import Llama
 
-        check_gguf(path)
+        self.info = check_gguf(path)  # architecture and tensor count, for reports and `validate`
         self.threads = threads or min(os.cpu_count() or 1, 8)
         self.n_ctx = n_ctx
         self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=self.threads,
