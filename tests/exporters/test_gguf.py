@@ -1,6 +1,7 @@
 """GGUF export: canonical codes packed losslessly, llama.cpp's mixture rules, and a file real llama.cpp loads."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,7 @@ def test_q4km_is_lossless_and_runs_in_llama_cpp(tmp_path):
 
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, verbose=False, logits_all=False)
     tok = load_tokenizer(info)
-    text = BUILTIN_EVAL.read_text()[:20000]
+    text = BUILTIN_EVAL.read_text()  # tokenization parity on the whole evaluation text
     assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text, add_special_tokens=False)
     out = llm("def read_file(path):", max_tokens=16, temperature=0.0)
     assert out["usage"]["completion_tokens"] > 0 and out["choices"][0]["text"]
@@ -122,11 +123,12 @@ def q4km(tmp_path_factory):
 @pytest.mark.llamacpp
 @pytest.mark.slow
 def test_smoke_top1_vs_canonical_torch_model(q4km):
-    """The artifact loads, generates 32 tokens, and its teacher-forced logits match the torch model built from
-    the canonical dequantized weights of the same per-tensor types. llama.cpp quantizes activations (Q8_K) in
-    k-quant dot products, so top-1 may differ only where the reference's top-2 gap is a near-tie; measured
-    98.9% agreement over 8,192 tokens on the bundled model (issue target 99%)."""
+    """The artifact loads, generates 32 tokens, and its teacher-forced top-1 agrees ≥ 99% with the torch model
+    built from the canonical dequantized weights (8,192 tokens). llama.cpp rounds activations to Q8_K before
+    k-quant dot products; the reference applies the same rounding (evaluate/runtime_arith.py). Without it the
+    agreement is lower only through near-ties (measured 98.9%), which is checked too."""
     from quantprism.evaluate.canonical import Evaluator, canonical_overrides
+    from quantprism.evaluate.runtime_arith import ggml_activation_hooks
     from quantprism.runtimes.llamacpp import open_session
 
     info, res, path = q4km
@@ -136,24 +138,31 @@ def test_smoke_top1_vs_canonical_torch_model(q4km):
         t = types.get(mod)
         return None if t is None else grid_for(t, mod, imatrix=True, tied=info.tied_embeddings)
 
-    ev = Evaluator(info, BUILTIN_EVAL, max_chunks=4)
+    ev = Evaluator(info, BUILTIN_EVAL, max_chunks=16)
     ev.state_with(canonical_overrides(res, choose))
+    plain = [ev.model(torch_tensor(c)).logits[0].detach().numpy() for c in ev.chunks]
+    hooks = ggml_activation_hooks(ev.model, types)
+    emulated = [ev.model(torch_tensor(c)).logits[0].detach().numpy() for c in ev.chunks]
+    for h in hooks:
+        h.remove()
     sess = open_session(path, n_ctx=512, threads=2)
     try:
         assert len(sess.generate([0] + sess.tokenize("import os\n"), 32)) == 32
-        agree = total = 0
-        for chunk in ev.chunks:
-            ref = ev.model(torch_tensor(chunk)).logits[0].detach().numpy()
+        agree = {"plain": 0, "emulated": 0}
+        total = 0
+        for chunk, ref_p, ref_e in zip(ev.chunks, plain, emulated, strict=True):
             got = sess.logits(chunk)
-            assert np.abs(ref - got).max() < 0.5  # a packing/layout error is off by whole logits
-            differ = ref.argmax(-1) != got.argmax(-1)
-            top2 = np.sort(ref, -1)[:, -2:]
-            assert np.all(top2[differ, 1] - top2[differ, 0] < 0.15), "top-1 differs at a clear decision"
-            agree += int((~differ).sum())
+            assert np.abs(ref_e - got).max() < 0.5  # a packing/layout error is off by whole logits
+            for key, ref in (("plain", ref_p), ("emulated", ref_e)):
+                differ = ref.argmax(-1) != got.argmax(-1)
+                top2 = np.sort(ref, -1)[:, -2:]
+                assert np.all(top2[differ, 1] - top2[differ, 0] < 0.15), f"{key}: top-1 differs at a clear decision"
+                agree[key] += int((~differ).sum())
             total += len(chunk)
     finally:
         sess.close()
-    assert agree / total >= 0.98, agree / total
+    assert agree["emulated"] / total >= 0.99, agree
+    assert agree["plain"] / total >= 0.98, agree
 
 
 def torch_tensor(chunk):
@@ -181,3 +190,99 @@ def test_validate_cli_good_malformed_truncated(q4km, tmp_path, run_cli):
     assert_one_line_error(rc, err, "truncated")
     rc, _, err = run_cli("validate", tmp_path / "missing.gguf")
     assert_one_line_error(rc, err, "no such GGUF file")
+
+
+@pytest.mark.llamacpp
+@pytest.mark.slow
+def test_rtn_export_is_byte_identical_to_llama_cpp_quantizer(tmp_path):
+    """Our RTN k-quant export (same imatrix or none) equals llama.cpp's own llama_model_quantize byte for byte,
+    tensor for tensor, types included: the encoders, the Q4_K_M/Q5_K_M mixture rules, the q/k permutation and
+    the imatrix hand-over all agree with llama.cpp."""
+    import gguf
+
+    from quantprism.config import Target
+    from quantprism.runtimes.llamacpp import gguf_imatrix, quantize
+
+    info = load_model_info(None)
+    targets = [Target(name=f"t{i}{ft}", format="gguf", runtime="llamacpp", quant=ft, method="rtn", imatrix=im)
+               for ft in ("Q4_K_M", "Q5_K_M") for i, im in enumerate((True, False))]
+    recipes, _ = plan_recipes(targets)
+    assert len(recipes) == 1
+    res = run_stage(info, recipes, "builtin", 8, 128, 0, cache_dir=tmp_path / "c").results[0]
+    state = load_torch_model(info).state_dict()
+    f32 = write_gguf(tmp_path / "f32.gguf", info, state, None, "F32")
+    for ft in ("Q4_K_M", "Q5_K_M"):
+        data = {}
+        for im in (True, False):
+            ours = write_gguf(tmp_path / f"ours-{ft}-{im}.gguf", info, state, res, ft, imatrix=im)
+            ref = quantize(f32, tmp_path / f"ref-{ft}-{im}.gguf", ft, gguf_imatrix(res.imatrix) if im else None, threads=2)
+            a = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
+            b = {t.name: t for t in gguf.GGUFReader(str(ref)).tensors}
+            assert a.keys() == b.keys()
+            for name, t in a.items():
+                assert t.tensor_type == b[name].tensor_type, (ft, im, name, t.tensor_type, b[name].tensor_type)
+                assert bytes(t.data) == bytes(b[name].data), (ft, im, name)
+            data[im] = bytes(a["blk.0.ffn_up.weight"].data)
+        assert data[True] != data[False]  # the imatrix reached llama.cpp's encoder (and ours)
+
+
+def test_mixed_precision_plan_only_adds_bits():
+    plan = {"high_grid": "q6_k_imat", "protected": ["model.layers.0.mlp.up_proj", "model.layers.3.mlp.down_proj"]}
+    t = tensor_types("Q4_K_M", 4, tied=False, plan=plan)
+    assert t["model.layers.0.mlp.up_proj"] == "Q6_K"  # promoted by the plan
+    assert t["model.layers.3.mlp.down_proj"] == "Q6_K"  # already Q6_K by the mixture rule
+    assert t["model.layers.1.mlp.up_proj"] == "Q4_K"
+    q8 = tensor_types("Q6_K", 4, tied=False, plan={"high_grid": "q8_0", "protected": ["model.layers.2.self_attn.q_proj"]})
+    assert q8["model.layers.2.self_attn.q_proj"] == "Q8_0" and q8["model.layers.1.self_attn.q_proj"] == "Q6_K"
+
+
+@pytest.mark.llamacpp
+def test_plan_merged_into_export(tmp_path):
+    """A target with protect=N: the N most sensitive linears are written as Q6_K from the canonical Q6_K codes,
+    the plan is recorded in the file, and llama.cpp loads it."""
+    import gguf
+
+    from quantprism.config import Target
+    from quantprism.pipeline import target_plan
+
+    info = load_model_info(None)
+    t = Target(name="mixed", format="gguf", runtime="llamacpp", quant="Q4_K_M", method="gptq", protect=2)
+    recipes, _ = plan_recipes([t])
+    res = run_stage(info, recipes, "builtin", 4, 128, 0, cache_dir=tmp_path / "c").results[0]
+    plan = target_plan(t, res)
+    assert len(plan["protected"]) == 2
+    path = write_gguf(tmp_path / "m.gguf", info, load_torch_model(info).state_dict(), res, "Q4_K_M", plan=plan)
+    reader = gguf.GGUFReader(str(path))
+    tensors = {x.name: x for x in reader.tensors}
+    rules = tensor_types("Q4_K_M", info.n_layers, info.tied_embeddings)
+    promoted = [m for m in plan["protected"] if rules[m] == "Q4_K"]
+    assert promoted, "the most sensitive tensors should include one the mixture rule leaves at Q4_K"
+    for mod in plan["protected"]:
+        from quantprism.exporters.gguf import gguf_name
+
+        x = tensors[f"{gguf_name(mod)}.weight"]
+        assert x.tensor_type.name == "Q6_K"
+        if not mod.endswith(("q_proj", "k_proj")):
+            got = gguf.quants.dequantize(x.data, x.tensor_type).reshape(res.quant[mod]["q6_k_imat"].codes.shape)
+            np.testing.assert_array_equal(got, res.quant[mod]["q6_k_imat"].dequantize())
+    field = reader.fields["quantprism.plan"]
+    recorded = json.loads(bytes(field.parts[-1]).decode())
+    assert sorted(recorded["protected"]) == sorted(plan["protected"])
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=2, verbose=False)
+    assert llm("def f(", max_tokens=4, temperature=0.0)["usage"]["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize("quant", ["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_grid_needs_cover_every_tensor_type(quant, tied):
+    """The stage solves exactly what the writer will ask for (no missing grid at export time)."""
+    from quantprism.config import Target
+    from quantprism.exporters.grids import grid_needs
+
+    for im in (True, False):
+        needs = grid_needs(Target(name="t", format="gguf", runtime="llamacpp", quant=quant, imatrix=im))
+        for mod, t in tensor_types(quant, 8, tied).items():
+            gid = grid_for(t, mod, im, tied)
+            where = needs.grids if mod.startswith("model.layers.") else (
+                needs.head if mod == "lm_head" or tied else needs.embed)
+            assert gid in where, (quant, im, mod, gid, needs)

@@ -16,7 +16,7 @@ from ..errors import ArtifactError
 from ..model import ModelInfo
 from .kquants import pack
 
-FILE_TYPES = {"F16": 1, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
+FILE_TYPES = {"F32": 0, "F16": 1, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}  # llama_ftype
 LINEAR_NAMES = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -29,11 +29,25 @@ def use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def tensor_types(file_type: str, n_layers: int, tied: bool) -> dict[str, str]:
-    """GGML type per HF module, following llama.cpp's rules for a dense model without overrides."""
-    base = {"Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K", "Q8_0": "Q8_0", "F16": "F16"}[file_type]
+def gguf_name(module: str) -> str:
+    """HF module name → GGUF tensor name (without .weight)."""
+    if module == "model.embed_tokens":
+        return "token_embd"
+    if module == "lm_head":
+        return "output"
+    _, _, i, rest = module.split(".", 3)
+    return f"blk.{i}.{LINEAR_NAMES[rest]}"
+
+
+def tensor_types(file_type: str, n_layers: int, tied: bool, plan: dict | None = None) -> dict[str, str]:
+    """GGML type per HF module: llama.cpp's rules for a dense model, then our mixed-precision plan on top.
+
+    A protected tensor (plan["protected"]) takes the plan's higher grid type unless the mixture rule
+    already gives it at least as many bits — the plan only ever adds precision.
+    """
+    base = {"Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K", "Q8_0": "Q8_0", "F16": "F16", "F32": "F32"}[file_type]
     high = {"Q4_K_M": "Q6_K", "Q5_K_M": "Q6_K"}.get(file_type, base)
-    head = "Q8_0" if file_type == "Q8_0" else ("F16" if file_type == "F16" else "Q6_K")
+    head = {"Q8_0": "Q8_0", "F16": "F16", "F32": "F32"}.get(file_type, "Q6_K")
     out: dict[str, str] = {}
     for i in range(n_layers):
         for lin in LINEAR_NAMES:
@@ -44,12 +58,20 @@ def tensor_types(file_type: str, n_layers: int, tied: bool) -> dict[str, str]:
     else:
         out["model.embed_tokens"] = base
         out["lm_head"] = head
+    if plan:
+        up = plan["high_grid"].split("_imat")[0].upper()
+        for mod in plan.get("protected", []):
+            if TYPE_BITS[up] > TYPE_BITS[out[mod]]:
+                out[mod] = up
     return out
+
+
+TYPE_BITS = {"Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625, "Q8_0": 8.5, "F16": 16.0, "F32": 32.0}
 
 
 def grid_for(ggml_type: str, module: str, imatrix: bool, tied: bool) -> str | None:
     """The canonical grid a tensor's GGML type is packed from (token_embd is never imatrix-weighted)."""
-    if ggml_type == "F16":
+    if ggml_type in ("F16", "F32"):
         return None
     if ggml_type == "Q8_0" or (module == "model.embed_tokens" and not tied):
         return ggml_type.lower()
@@ -93,8 +115,12 @@ def _tokenizer(w, info: ModelInfo) -> None:
 
 
 def write_gguf(out: Path, info: ModelInfo, fp_state: dict, canonical, file_type: str, imatrix: bool = True,
-               provenance: dict | None = None) -> Path:
-    """Write ``out`` (a .gguf file) from the original fp tensors and a CanonicalModel."""
+               provenance: dict | None = None, plan: dict | None = None) -> Path:
+    """Write ``out`` (a .gguf file) from the original fp tensors and a CanonicalModel.
+
+    ``plan`` is the target's mixed-precision plan (pipeline.target_plan); it is merged into the
+    mixture rules and recorded under ``quantprism.plan``.
+    """
     import gguf
 
     from ..manifest import atomic_path
@@ -105,7 +131,8 @@ def write_gguf(out: Path, info: ModelInfo, fp_state: dict, canonical, file_type:
     n_head = int(cfg["num_attention_heads"])
     n_kv = int(cfg.get("num_key_value_heads", n_head))
     head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // n_head)
-    types = tensor_types(file_type, n_layers, info.tied_embeddings)
+    types = tensor_types(file_type, n_layers, info.tied_embeddings, plan)
+    fp_dtype = np.float32 if file_type == "F32" else np.float16
     rope = cfg.get("rope_parameters") or {}
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
@@ -129,6 +156,10 @@ def write_gguf(out: Path, info: ModelInfo, fp_state: dict, canonical, file_type:
         w.add_string("quantprism.method", f"{canonical.recipe.transform}+{canonical.recipe.method}" if canonical else "none")
         w.add_string("quantprism.calibration_sha256", str(prov.get("calibration", {}).get("sha256", "")))
         w.add_string("quantprism.model_sha256", info.weights_sha256)
+        w.add_string("quantprism.file_type", file_type)
+        w.add_string("quantprism.plan", json.dumps(
+            {"protected": {m: types[m] for m in plan.get("protected", [])}, "bits_per_weight": plan.get("bits_per_weight")}
+            if plan else {}, sort_keys=True))
         _tokenizer(w, info)
 
         def emit(gname: str, hf: str, permute_heads: int | None = None) -> None:
@@ -150,7 +181,7 @@ def write_gguf(out: Path, info: ModelInfo, fp_state: dict, canonical, file_type:
             x = fp_state[hf].float().numpy()
             if permute_heads:
                 x = _permute_rows(x, permute_heads)
-            w.add_tensor(gname, x.astype(np.float16 if x.ndim == 2 else np.float32))
+            w.add_tensor(gname, x.astype(fp_dtype if x.ndim == 2 else np.float32))
 
         emit("token_embd.weight", "model.embed_tokens.weight")
         emit("output_norm.weight", "model.norm.weight")

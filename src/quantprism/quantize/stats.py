@@ -74,3 +74,30 @@ def attach_collectors(layer: torch.nn.Module, sample_tokens: int = 4096) -> tupl
 
         handles.append(mod.register_forward_pre_hook(hook))
     return stats, handles
+
+
+def fp_imatrix(model: torch.nn.Module, input_ids, batch: int = 8) -> dict[str, torch.Tensor]:
+    """Mean x² per input channel of every Linear over the calibration tokens, from the ORIGINAL model.
+
+    This is what llama-imatrix computes (on the fp model, all layers at once); it feeds llama.cpp's
+    own quantizer as the "llama.cpp + imatrix" baseline.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    handles = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            def hook(_m, args, name=name):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                sums[name] = sums.get(name, 0) + (x * x).sum(0)
+                counts[name] = counts.get(name, 0) + x.shape[0]
+            handles.append(mod.register_forward_pre_hook(hook))
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    try:
+        with torch.inference_mode():
+            for i in range(0, ids.shape[0], batch):
+                model(ids[i : i + batch])
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (sums[n] / counts[n]).float() for n in sums}

@@ -1,0 +1,131 @@
+"""Our GGUF k-quants against llama.cpp's own quantizer, all measured in llama.cpp on the same text.
+
+    python benchmarks/gguf_vs_llamacpp.py --out benchmarks/results/gguf_vs_llamacpp.json \
+        [--model DIR] [--calibration FILE] [--eval-text FILE] [--method gptq]
+
+For Q4_K_M and Q5_K_M: ours = the canonical stage's codes (GPTQ by default, imatrix-weighted k-quant
+grids) packed by our writer; llamacpp = llama_model_quantize from our F16 GGUF without an imatrix;
+llamacpp_imatrix = the same with the importance matrix llama-imatrix would compute (mean x² per input
+channel of the ORIGINAL model on the same calibration set), passed via params.imatrix. The base of
+every KLD is the F16 GGUF's logits in llama.cpp (llama-perplexity --kl-divergence-base semantics);
+its own distance from the torch original is reported as f16_vs_original.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import quality_parser  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+FILE_TYPES = ("Q4_K_M", "Q5_K_M")
+
+
+def main() -> None:
+    ap = quality_parser(__doc__.split("\n")[0])
+    ap.set_defaults(eval_chunks=0)
+    ap.add_argument("--method", default="gptq", help="canonical method for ours (see targets.toml 'method')")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".work" / "gguf", help="where the GGUFs go")
+    ap.add_argument("--cache-dir", type=Path, default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    from quantprism.calibration import eval_text_path
+    from quantprism.config import Target
+    from quantprism.evaluate.compare import base_logprobs, compare, eval_token_chunks, torch_logits_fn
+    from quantprism.exporters.gguf import write_gguf
+    from quantprism.model import load_model_info, load_tokenizer, load_torch_model
+    from quantprism.pipeline import plan_recipes, run_stage
+    from quantprism.quantize.stats import fp_imatrix
+    from quantprism.runtimes.llamacpp import gguf_imatrix, open_session, quantize
+
+    torch.set_num_threads(args.threads)
+    secs: dict[str, float] = {}
+    t0 = time.time()
+    info = load_model_info(args.model)
+    targets = [Target(name=f"ours-{ft}", format="gguf", runtime="llamacpp", quant=ft, method=args.method)
+               for ft in FILE_TYPES]
+    recipes, index = plan_recipes(targets)
+    run = run_stage(info, recipes, args.calibration, args.samples, args.seq_len, 0, cache_dir=args.cache_dir)
+    secs["canonical_stage"] = round(time.time() - t0, 1)
+    model = load_torch_model(info)
+    state = model.state_dict()
+    t0 = time.time()
+    imat = fp_imatrix(model, run.calibration.input_ids)
+    secs["fp_imatrix"] = round(time.time() - t0, 1)
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    f16 = write_gguf(args.work / "f16.gguf", info, state, None, "F16")
+    files: dict[str, dict[str, Path]] = {}
+    for t in targets:
+        ft = t.quant
+        res = run.results[index[t.name]]
+        prov = {"calibration": run.calibration.record()}
+        files[ft] = {"ours": write_gguf(args.work / f"ours-{ft}.gguf", info, state, res, ft, provenance=prov)}
+    secs["write_ours"] = round(time.time() - t0, 1)
+    t0 = time.time()
+    for ft in FILE_TYPES:
+        files[ft]["llamacpp"] = quantize(f16, args.work / f"llamacpp-{ft}.gguf", ft, None, args.threads)
+        files[ft]["llamacpp_imatrix"] = quantize(f16, args.work / f"llamacpp-imatrix-{ft}.gguf", ft,
+                                                 gguf_imatrix(imat), args.threads)
+    secs["llamacpp_quantize"] = round(time.time() - t0, 1)
+
+    t0 = time.time()
+    chunks = eval_token_chunks(load_tokenizer(info), eval_text_path(args.eval_text), 512, args.eval_chunks or None)
+    original = base_logprobs(chunks, torch_logits_fn(model))
+    sess = open_session(f16, n_ctx=512, threads=args.threads)
+    try:
+        base = base_logprobs(chunks, sess.logits)
+        f16_vs_original, _ = compare(chunks, original, sess.logits)
+    finally:
+        sess.close()
+
+    def measure(path: Path) -> dict:
+        s = open_session(path, n_ctx=512, threads=args.threads)
+        try:
+            summary, _ = compare(chunks, base, s.logits)
+        finally:
+            s.close()
+        return summary
+
+    out: dict = {
+        "model": str(info.path), "calibration": run.calibration.record(), "method": args.method,
+        "eval_tokens_scored": int(f16_vs_original["n_tokens"]), "threads": args.threads,
+        "f16_vs_original": {k: f16_vs_original[k] for k in ("kld_mean", "top1_agreement", "ppl_ratio")},
+        "f16_bytes": f16.stat().st_size,
+    }
+    for ft in FILE_TYPES:
+        m = {k: measure(p) for k, p in files[ft].items()}
+        size = {k: p.stat().st_size for k, p in files[ft].items()}
+        r = {
+            "ours_kld": m["ours"]["kld_mean"], "llamacpp_kld": m["llamacpp"]["kld_mean"],
+            "llamacpp_imatrix_kld": m["llamacpp_imatrix"]["kld_mean"],
+            "ours_bytes": size["ours"], "llamacpp_bytes": size["llamacpp"], "llamacpp_imatrix_bytes": size["llamacpp_imatrix"],
+            "ours_top1": m["ours"]["top1_agreement"], "llamacpp_top1": m["llamacpp"]["top1_agreement"],
+            "llamacpp_imatrix_top1": m["llamacpp_imatrix"]["top1_agreement"],
+        }
+        r["kld_ratio_vs_llamacpp_imatrix"] = r["ours_kld"] / r["llamacpp_imatrix_kld"]
+        r["size_ratio_vs_llamacpp"] = r["ours_bytes"] / r["llamacpp_imatrix_bytes"]
+        r["goal_met"] = bool(r["kld_ratio_vs_llamacpp_imatrix"] <= 0.75 and abs(r["size_ratio_vs_llamacpp"] - 1) <= 0.02)
+        r["details"] = {k: {s: v[s] for s in ("kld_mean", "kld_p99", "top1_agreement", "ppl", "ppl_ratio")}
+                        for k, v in m.items()}
+        out[ft] = r
+    secs["evaluate_in_llamacpp"] = round(time.time() - t0, 1)
+    out["seconds"] = secs
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    for ft in FILE_TYPES:
+        r = out[ft]
+        print(f"{ft}: ours {r['ours_kld']:.6f} ({r['ours_bytes']} B) vs llama.cpp {r['llamacpp_kld']:.6f}, "
+              f"+imatrix {r['llamacpp_imatrix_kld']:.6f} ({r['llamacpp_imatrix_bytes']} B): "
+              f"{r['kld_ratio_vs_llamacpp_imatrix']:.3f}× — goal {'met' if r['goal_met'] else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""The runtime's activation arithmetic, emulated in torch, for reference models that compare bit-for-bit.
+
+llama.cpp's CPU backend does not multiply k-quant or Q8_0 weights with fp32 activations: it first
+quantizes each activation row to Q8_K (blocks of 256, one fp32 scale, the signed extreme maps to
+-127) or Q8_0 (blocks of 32, fp16 scale = max|x|/127) and takes integer dot products. A torch model
+built from the canonical dequantized weights therefore differs from llama.cpp at near-ties; applying
+the same activation rounding (ggml-quants.c quantize_row_q8_K_ref, x86 quantize_row_q8_0) removes
+that difference, so the remaining disagreement measures the artifact, not the kernel.
+"""
+from __future__ import annotations
+
+import torch
+
+# GGML weight type → the activation format ggml's CPU dot product uses for it (vec_dot_type)
+VEC_DOT_TYPE = {"Q4_K": "Q8_K", "Q5_K": "Q8_K", "Q6_K": "Q8_K", "Q8_0": "Q8_0"}
+
+
+def q8_k(x: torch.Tensor) -> torch.Tensor:
+    """Q8_K round trip: per 256 values, iscale = -127/x[argmax |x|], q = min(127, rint(iscale·x)), d = 1/iscale."""
+    shape = x.shape
+    xb = x.float().reshape(*shape[:-1], shape[-1] // 256, 256)
+    mx = xb.gather(-1, xb.abs().argmax(-1, keepdim=True))  # first occurrence, like the C loop's strict '>'
+    zero = mx == 0
+    iscale = torch.where(zero, torch.zeros_like(mx), -127.0 / torch.where(zero, torch.ones_like(mx), mx))
+    q = torch.clamp(torch.round(iscale * xb), max=127.0)  # torch.round is round-half-even, like nearest_int
+    d = torch.where(zero, torch.zeros_like(mx), 1.0 / torch.where(zero, torch.ones_like(iscale), iscale))
+    return (q * d).reshape(shape).to(x.dtype)
+
+
+def q8_0(x: torch.Tensor) -> torch.Tensor:
+    """Q8_0 round trip as the AVX2 path does it: d = max|x|/127 stored fp16, q = rint(x·127/max|x|)."""
+    shape = x.shape
+    xb = x.float().reshape(*shape[:-1], shape[-1] // 32, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax == 0, torch.zeros_like(amax), 127.0 / torch.where(amax == 0, torch.ones_like(amax), amax))
+    q = torch.round(xb * inv)
+    d = (amax / 127.0).half().float()
+    return (q * d).reshape(shape).to(x.dtype)
+
+
+def ggml_activation_hooks(model: torch.nn.Module, types: dict[str, str]) -> list:
+    """Round every Linear's input the way llama.cpp does for that linear's GGML type; returns hook handles."""
+    fns = {"Q8_K": q8_k, "Q8_0": q8_0}
+    handles = []
+    for name, mod in model.named_modules():
+        t = types.get(name) or (types.get("model.embed_tokens", "") if name == "lm_head" else "")  # tied output
+        vdt = VEC_DOT_TYPE.get(t)
+        if isinstance(mod, torch.nn.Linear) and vdt is not None:
+            fn = fns[vdt]
+            handles.append(mod.register_forward_pre_hook(lambda _m, args, fn=fn: (fn(args[0]), *args[1:])))
+    return handles
