@@ -17,7 +17,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,19 +26,11 @@ FILE_TYPES = ("F16", "Q8_0", "Q4_K_M")
 
 def child(path: Path, threads: int, prompt_len: int, decode: int, repeats: int) -> dict:
     from quantprism.calibration import BUILTIN_EVAL
-    from quantprism.runtimes.latency import measure
+    from quantprism.runtimes.latency import measure_artifact
     from quantprism.runtimes.llamacpp import open_session
 
-    t0 = time.perf_counter()
-    sess = open_session(path, n_ctx=prompt_len + decode + 8, threads=threads, logits_all=False)
-    load_s = time.perf_counter() - t0
-    prompt = ([0] + sess.tokenize(BUILTIN_EVAL.read_text(encoding="utf-8")[:20000]))[:prompt_len]
-    try:
-        r = measure(sess, prompt, decode, repeats)
-    finally:
-        sess.close()
-    return {"load_s": round(load_s, 2), **r}
-
+    text = BUILTIN_EVAL.read_text(encoding="utf-8")[:20000]
+    return measure_artifact(lambda: open_session(path, n_ctx=prompt_len + decode + 8, threads=threads, logits_all=False), text, prompt_len, decode, repeats)
 
 def bundled_artifacts(work: Path) -> dict[str, Path]:
     from quantprism.config import Target

@@ -43,6 +43,7 @@ GGUF_QUANTS = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16")
 # K-quant super-block (256) or Q8_0 block (32): in_features must be a multiple of it.
 GGUF_BLOCK = {"Q4_K_M": 256, "Q5_K_M": 256, "Q6_K": 256, "Q8_0": 32, "F16": 1}
 CT_SCHEMES = ("W4A16", "W8A16", "W8A8")
+GPTQ_GROUP_SIZES = (-1, 32, 64, 128)
 ONNX_SCHEMES = ("nbits8", "w8a8", "nbits4")
 METHODS = ("rtn", "gptq", "awq", "awq+gptq", "smoothquant+rtn", "smoothquant+gptq")
 GATES = {
@@ -236,6 +237,9 @@ def _check_combination(where: str, fmt: str, method: str, vals: dict[str, Any]) 
             raise ConfigError(f"{where} key 'bits': vLLM loads GPTQ with 4 or 8 bits only, got {bits}")
         if not sym:
             raise ConfigError(f"{where} key 'symmetric': vLLM 0.32 cannot load asymmetric GPTQ; set symmetric = true or use format \"awq\"")
+        # vLLM's GPTQ layer checks Marlin support on every device; bits = 8 loads on GPUs only (CPU: 4-bit)
+        if gs not in GPTQ_GROUP_SIZES:
+            raise ConfigError(f"{where} key 'group_size': vLLM 0.32 loads GPTQ with group_size -1, 32, 64 or 128, got {gs}")
     elif fmt == "awq":
         if quant is not None:
             raise ConfigError(f"{where} key 'quant': AWQ is set by bits/group_size, remove 'quant'")
@@ -253,8 +257,8 @@ def _check_combination(where: str, fmt: str, method: str, vals: dict[str, Any]) 
             raise ConfigError(f"{where} key 'bits': {quant} means {want_bits}-bit weights, got {bits}")
         if quant == "W8A8" and vals.get("group_size", -1) != -1:
             raise ConfigError(f"{where} key 'group_size': W8A8 weights are per channel; set group_size = -1")
-        if quant == "W8A8" and not sym:
-            raise ConfigError(f"{where} key 'symmetric': W8A8 int8 weights are symmetric; set symmetric = true")
+        if quant in ("W8A8", "W8A16") and not sym:  # W8A16 (GPU only in vLLM 0.32) is exported symmetric
+            raise ConfigError(f"{where} key 'symmetric': {quant} int8 weights are symmetric; set symmetric = true")
     elif fmt == "onnx":
         if quant not in ONNX_SCHEMES:
             raise ConfigError(f"{where} key 'quant': ONNX needs one of {', '.join(ONNX_SCHEMES)}, got {quant!r}")

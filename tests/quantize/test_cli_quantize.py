@@ -18,7 +18,8 @@ GPTQ = '[target.g]\nformat = "gptq"\nruntime = "vllm"\nbits = 4\ngroup_size = 64
 
 
 @pytest.mark.parametrize("body, needle", [
-    ('[target.g]\nformat="gptq"\nruntime="vllm"\ngroup_size=512\n', "group_size 512 does not divide in_features 256"),
+    ('[target.g]\nformat="compressed-tensors"\nruntime="vllm"\nquant="W4A16"\ngroup_size=512\n',
+     "group_size 512 does not divide in_features 256"),
     ('[target.g]\nformat="gptq"\nruntime="vllm"\nbits=9\n', "out of range"),
     ('[target.g]\nformat="gptq"\nruntime="vllm"\ndamp=1.5\n', "'damp'"),
 ])

@@ -49,3 +49,17 @@ def ggml_activation_hooks(model: torch.nn.Module, types: dict[str, str]) -> list
             fn = fns[vdt]
             handles.append(mod.register_forward_pre_hook(lambda _m, args, fn=fn: (fn(args[0]), *args[1:])))
     return handles
+
+
+def int8_per_token(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic symmetric int8 per token (vLLM's W8A8 activations): s = max|x|/127, q = rint(x/s) in [-128, 127]."""
+    xf = x.float()
+    s = xf.abs().amax(-1, keepdim=True) / 127.0
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    return (torch.clamp(torch.round(xf / s), -128, 127) * s).to(x.dtype)
+
+
+def int8_activation_hooks(model: torch.nn.Module, modules: set[str]) -> list:
+    """Round the inputs of ``modules`` (HF names) the way a W8A8 runtime does; returns hook handles."""
+    return [mod.register_forward_pre_hook(lambda _m, args: (int8_per_token(args[0]), *args[1:]))
+            for name, mod in model.named_modules() if name in modules and isinstance(mod, torch.nn.Linear)]

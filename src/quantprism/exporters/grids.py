@@ -17,9 +17,14 @@ class GridNeeds:
     embed: tuple[str, ...] = ()  # token embeddings (GGUF token_embd)
 
 
-def _int(bits: int, gs: int, sym: bool, dtype: str, narrow: bool = False) -> str:
+def _int(bits: int, gs: int, sym: bool, dtype: str, narrow: bool = False, reduced: bool = False) -> str:
     g = "c" if gs == -1 else str(gs)
-    return f"int{bits}_g{g}_{'sym' if sym else 'asym'}{'_n' if narrow else ''}_{dtype}"
+    return f"int{bits}_g{g}_{'sym' if sym else 'asym'}{'_n' if narrow else ''}{'_r' if reduced else ''}_{dtype}"
+
+
+def int8_reduced(t: Target) -> bool:
+    """W8A8 on x86 CPUs without VNNI (hardware "cpu-avx2"): weights in ±63 so int16 pair sums cannot saturate."""
+    return t.hardware.startswith("cpu-avx2")
 
 
 def grid_needs(t: Target) -> GridNeeds:
@@ -41,13 +46,13 @@ def grid_needs(t: Target) -> GridNeeds:
         return GridNeeds((_int(4, t.group_size, False, "fp16"),))
     if t.format == "compressed-tensors":
         if t.quant == "W8A8":
-            return GridNeeds((_int(8, -1, True, "fp16", narrow=True),))
+            return GridNeeds((_int(8, -1, True, "fp16", narrow=True, reduced=int8_reduced(t)),))
         if t.quant == "W8A16":
             return GridNeeds((_int(8, t.group_size, True, "fp16"),))
         return GridNeeds((_int(4, t.group_size, t.symmetric, "fp16"),))
     if t.format == "onnx":
         if t.quant == "w8a8":
-            return GridNeeds((_int(8, -1, True, "fp32", narrow=True),))
+            return GridNeeds((_int(8, -1, True, "fp32", narrow=True, reduced=int8_reduced(t)),))
         bits = 8 if t.quant == "nbits8" else 4
         return GridNeeds((_int(bits, t.group_size, t.symmetric, "fp32"),))
     raise ValueError(t.format)

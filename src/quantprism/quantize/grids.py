@@ -70,6 +70,9 @@ class IntGrid:
     symmetric: q ∈ [0, 2^b−1], w = s·(q − 2^(b−1)) (GPTQ / CT-sym convention, zero fixed).
     asymmetric: w = s·(q − z), integer z ∈ [0, 2^b−1] per group (AWQ / CT-asym).
     ``narrow`` (symmetric only) restricts to ±(2^(b−1)−1), the int8 per-channel convention.
+    ``reduced`` (narrow int8 only) restricts to ±63: x86 int8 GEMMs without VNNI (AVX2 vpmaddubsw) add
+    two u8×s8 products in a saturating int16, which overflows for full-range weights; with |w| ≤ 63 a
+    pair is at most 255·126 < 32767, so the runtime computes exactly (PyTorch's ``reduce_range``).
     """
 
     bits: int = 4
@@ -77,11 +80,12 @@ class IntGrid:
     symmetric: bool = True
     scale_dtype: str = "fp16"
     narrow: bool = False
+    reduced: bool = False
 
     @property
     def id(self) -> str:
         g = "c" if self.group_size == -1 else str(self.group_size)
-        sfx = "_n" if self.narrow else ""
+        sfx = ("_n" if self.narrow else "") + ("_r" if self.reduced else "")
         return f"int{self.bits}_g{g}_{'sym' if self.symmetric else 'asym'}{sfx}_{self.scale_dtype}"
 
     @property
@@ -95,7 +99,7 @@ class IntGrid:
         half = 1 << (self.bits - 1)
         if self.symmetric:
             amax = torch.maximum(wmin.abs(), wmax.abs())
-            denom = (half - 1) if self.narrow else (self.maxq / 2)
+            denom = (half // 2 - 1) if self.reduced else (half - 1) if self.narrow else (self.maxq / 2)
             scale = _round_scale(amax / denom, self.scale_dtype)
             scale = torch.where(scale > 0, scale, torch.ones_like(scale))
             zero = torch.full_like(scale, float(half))
@@ -108,6 +112,9 @@ class IntGrid:
         return scale, zero
 
     def _qrange(self) -> tuple[int, int]:
+        if self.reduced:
+            half = 1 << (self.bits - 1)
+            return half - (half // 2 - 1), half + (half // 2 - 1)
         if self.narrow:
             return 1, self.maxq
         return 0, self.maxq
@@ -262,8 +269,8 @@ def grid_from_id(gid: str) -> Any:
         parts = gid.split("_")
         bits = int(parts[0][3:])
         g = parts[1][1:]
-        narrow = "n" in parts[3:-1]
-        return IntGrid(bits, -1 if g == "c" else int(g), parts[2] == "sym", parts[-1], narrow)
+        flags = parts[3:-1]
+        return IntGrid(bits, -1 if g == "c" else int(g), parts[2] == "sym", parts[-1], "n" in flags, "r" in flags)
     t = gid.split("_imat")[0].upper()
     if t.startswith("Q8"):
         t = "Q8_0"

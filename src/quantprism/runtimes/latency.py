@@ -82,3 +82,21 @@ def decode_bytes_per_token(tensor_bytes: dict[str, int], kv_bytes_per_position: 
     """Bytes a decode step must read: every weight once (token_embd: one row, negligible) + the KV cache so far."""
     weights = sum(b for name, b in tensor_bytes.items() if not name.startswith("token_embd"))
     return weights + kv_bytes_per_position * position
+
+
+def measure_artifact(open_fn, prompt_text: str, prompt_len: int, decode_tokens: int, repeats: int,
+                     bos: int | None = 0) -> dict:
+    """Open a session with ``open_fn()`` (timed as load_s), build a ``prompt_len``-token prompt from
+    ``prompt_text`` (BOS first), measure it, close it; the row carries the session's kernel label."""
+    import time
+
+    t0 = time.perf_counter()
+    sess = open_fn()
+    load_s = time.perf_counter() - t0
+    try:
+        prompt = ([] if bos is None else [bos]) + sess.tokenize(prompt_text)
+        r = measure(sess, prompt[:prompt_len], decode_tokens, repeats)
+    finally:
+        kernel = getattr(sess, "kernel", "native")
+        sess.close()
+    return {"load_s": round(load_s, 2), "kernel": kernel, **r}

@@ -1,0 +1,102 @@
+"""compressed-tensors checkpoints for vLLM 0.32 (reference §3): "pack-quantized" W4A16/W8A16, "int-quantized" W8A8.
+
+pack-quantized, per linear: ``weight_packed`` int32 [N, K/f] packed along K LSB-first holding
+q + 2^(b−1) for the signed code q; ``weight_scale`` fp16 [N, G]; for asymmetric grids only
+``weight_zero_point`` int32 [N/f, G] packed along N holding zp + 2^(b−1); ``weight_shape`` int64
+[N, K]. W = (q − zp)·s. Our unsigned codes already are q + 2^(b−1) (sym: w = s·(code − 2^(b−1));
+asym: w = s·(code − z) with signed zp = z − 2^(b−1)), so they are stored as they are.
+int-quantized (W8A8), per linear: ``weight`` int8 [N, K] = code − 128, ``weight_scale`` fp32 [N, 1]
+(vLLM's parameter dtype), activations int8 per token, dynamic, symmetric.
+
+Mixed plan: protected modules join ``ignore`` (fp), or on GPUs a second config group of 8-bit
+pack-quantized layers whose targets are anchored regexes matching both the HF shard names and
+vLLM's fused name — vLLM tries layer names before the "Linear" class target, and names a fused
+layer qkv_proj / gate_up_proj.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from ..config import Target
+from ..errors import ArtifactError
+from ..quantize.grids import QuantizedTensor, grid_from_id
+from .intpack import int_codes, pack_int32
+from .vllm_plan import FUSED, ModulePlan, vllm_prefix
+
+PACKED = "pack-quantized"
+INT = "int-quantized"
+
+
+def pack_weight(codes: np.ndarray, bits: int) -> np.ndarray:
+    """codes [N, K] (already q + 2^(b−1)) → [N, K/f]."""
+    return pack_int32(codes, bits, axis=1)
+
+
+def pack_zero_point(zero: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned zeros [N, G] (already zp + 2^(b−1)) → [N/f, G], packed along N."""
+    return pack_int32(zero, bits, axis=0)
+
+
+def int8_weight(codes: np.ndarray) -> np.ndarray:
+    return (codes.astype(np.int16) - 128).astype(np.int8)
+
+
+def pack_module(qt: QuantizedTensor, name: str = "") -> dict[str, np.ndarray]:
+    c = int_codes(qt, name)
+    if qt.grid.narrow:  # the W8A8 grid: per-channel int8 in ±127
+        if c.bits != 8 or c.group_size != -1:
+            raise ArtifactError(f"{name}: W8A8 needs per-channel int8, got {qt.grid_id}; re-run quantize")
+        return {"weight": int8_weight(c.codes), "weight_scale": c.scale.astype(np.float32)}
+    n, k = c.codes.shape
+    out = {
+        "weight_packed": pack_weight(c.codes, c.bits),
+        "weight_scale": np.ascontiguousarray(c.scale.astype(np.float16)),
+        "weight_shape": np.array([n, k], dtype=np.int64),
+    }
+    if not c.symmetric:  # vLLM registers no zero point for sym schemes: an extra tensor fails the load
+        out["weight_zero_point"] = pack_zero_point(c.zero, c.bits)
+    return out
+
+
+def weight_args(gid: str) -> dict:
+    g = grid_from_id(gid)
+    channel = g.group_size == -1
+    return {
+        "num_bits": g.bits, "type": "int", "symmetric": g.symmetric,
+        "strategy": "channel" if channel else "group", "group_size": None if channel else g.group_size,
+        "block_structure": None, "dynamic": False, "actorder": None,
+    }
+
+
+def _group(targets: list[str], gid: str, w8a8: bool) -> dict:
+    act = None
+    if w8a8:
+        act = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "group_size": None,
+               "block_structure": None, "dynamic": True, "actorder": None}
+    return {"targets": targets, "weights": weight_args(gid), "input_activations": act,
+            "output_activations": None, "format": INT if w8a8 else PACKED}
+
+
+def layer_regex(module: str) -> str:
+    """``re:`` target for the vLLM layer holding ``module``: its HF shard names and the fused name."""
+    prefix = vllm_prefix(module)
+    scope, name = prefix.rsplit(".", 1)
+    shards = FUSED.get(prefix.split(".", 3)[3], ())
+    names = [name] + [s.rsplit(".", 1)[1] for s in shards]
+    return "re:^" + re.escape(scope + ".") + "(" + "|".join(names) + ")$"
+
+
+def quantization_config(target: Target, mp: ModulePlan) -> dict:
+    w8a8 = target.quant == "W8A8"
+    groups = {"group_0": _group(["Linear"], mp.main, w8a8)}
+    high = mp.high_modules
+    if high:
+        targets = list(dict.fromkeys(layer_regex(m) for m in high))
+        groups["group_1"] = _group(targets, mp.protected_grid or mp.main, False)
+    return {
+        "quant_method": "compressed-tensors", "format": INT if w8a8 else PACKED, "config_groups": groups,
+        "ignore": ["lm_head", *mp.fp_modules], "kv_cache_scheme": None, "quantization_status": "compressed",
+        "global_compression_ratio": None,
+    }

@@ -1,0 +1,157 @@
+"""A Hugging Face model directory that vLLM 0.32 loads: config.json, tokenizer, generation config, safetensors.
+
+Shared by the GPTQ, AWQ and compressed-tensors exporters, which only supply the packed tensors and
+the ``quantization_config``. Unquantized tensors come from the canonical fp tensors (``res.fp``, the
+transformed weights: AWQ/SmoothQuant scales folded into norms) over the original state dict, cast
+to the checkpoint dtype. Output is deterministic (same inputs → byte-identical files: sorted keys,
+fixed metadata) and the directory appears atomically (built beside the destination, then renamed).
+
+Checkpoint dtype: bfloat16 by default. Quantized layers keep their scales in fp16 on disk (exact),
+but vLLM casts scales to the run's dtype: a bf16 run rounds them (reference pitfall 10), so a
+bit-exact comparison with the canonical weights needs ``dtype="float16"`` (or ``--dtype float16``).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ArtifactError
+from ..model import ModelInfo
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_SHARD_BYTES = 2_000_000_000
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+)
+FP16_MAX = 65504.0
+
+
+def source_state(info: ModelInfo, canonical: Any) -> dict[str, torch.Tensor]:
+    """The original tensors with the canonical (transformed) fp tensors on top, as stored (not cast)."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted({t.file for t in info.tensors.values()}):
+        state.update(load_file(str(info.path / f)))
+    for name, t in canonical.fp.items():
+        if name in state:
+            state[name] = t
+    return state
+
+
+def cast_fp(name: str, t: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``t`` in the checkpoint dtype; fp16 must not overflow (an inf weight would load silently)."""
+    if dtype not in DTYPES:
+        raise ArtifactError(f"checkpoint dtype {dtype!r} is not supported; use {' or '.join(DTYPES)}")
+    if dtype == "float16" and t.is_floating_point() and t.numel() and float(t.float().abs().max()) > FP16_MAX:
+        raise ArtifactError(f"{name} has values beyond the float16 range; export with dtype=\"bfloat16\"")
+    return t.detach().to(DTYPES[dtype]).contiguous()
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: Path) -> Iterator[Path]:
+    """Yield an empty temp directory beside ``dest``; it replaces ``dest`` only if the block succeeds."""
+    dest = Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise ArtifactError(f"{dest} exists and is not a directory; choose another output path")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the artifact is an ordinary directory
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+            os.replace(dest, old)  # POSIX rename onto an empty directory
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def shard_plan(tensors: dict[str, torch.Tensor], shard_bytes: int) -> list[list[str]]:
+    """Greedy shards in sorted-name order; a tensor larger than ``shard_bytes`` gets a shard of its own."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in sorted(tensors):
+        b = _nbytes(tensors[name])
+        if shards[-1] and size + b > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += b
+    return shards
+
+
+def write_safetensors(root: Path, tensors: dict[str, torch.Tensor], shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
+    """One ``model.safetensors``, or numbered shards plus ``model.safetensors.index.json``; returns the files."""
+    from safetensors.torch import save_file
+
+    shards = shard_plan(tensors, shard_bytes)
+    if len(shards) == 1:
+        files = [SINGLE_FILE]
+    else:
+        files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        _json(root / INDEX_FILE, {
+            "metadata": {"total_size": sum(_nbytes(t) for t in tensors.values())},
+            "weight_map": {name: f for f, names in zip(files, shards, strict=True) for name in names},
+        })
+    for f, names in zip(files, shards, strict=True):
+        save_file({n: tensors[n].contiguous() for n in names}, str(root / f), metadata={"format": "pt"})
+    return files
+
+
+def model_config(info: ModelInfo, quantization_config: dict, dtype: str) -> dict:
+    cfg = copy.deepcopy(info.config)
+    cfg["quantization_config"] = quantization_config
+    cfg["dtype"] = dtype  # transformers ≥ 5 reads "dtype", older readers "torch_dtype"
+    cfg["torch_dtype"] = dtype
+    return cfg
+
+
+def generation_config(info: ModelInfo) -> dict:
+    src = info.path / "generation_config.json"
+    if src.is_file():
+        return json.loads(src.read_text(encoding="utf-8"))
+    return {k: info.config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if info.config.get(k) is not None}
+
+
+def write_hf_checkpoint(out_dir: Path, info: ModelInfo, tensors: dict[str, torch.Tensor], quantization_config: dict,
+                        dtype: str = "bfloat16", shard_bytes: int = DEFAULT_SHARD_BYTES,
+                        extra_json: dict[str, Any] | None = None) -> Path:
+    """Write the directory ``out_dir`` atomically; ``tensors`` are final (packed and cast)."""
+    if dtype not in DTYPES:
+        raise ArtifactError(f"checkpoint dtype {dtype!r} is not supported; use {' or '.join(DTYPES)}")
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        write_safetensors(tmp, tensors, shard_bytes)
+        _json(tmp / "config.json", model_config(info, quantization_config, dtype))
+        _json(tmp / "generation_config.json", generation_config(info))
+        for f in TOKENIZER_FILES:
+            if (info.path / f).is_file():
+                shutil.copyfile(info.path / f, tmp / f)
+        for name, obj in (extra_json or {}).items():
+            _json(tmp / name, obj)
+    return out_dir
