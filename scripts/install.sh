@@ -11,6 +11,14 @@ WHEELS=${QP_WHEEL_CACHE:-$HOME/.cache/quantprism/wheels}
 STAMP="$VENV/.qp-installed"
 mkdir -p "$WHEELS"
 
+# Headless Chromium renders build/report.html in the report test (Debian package; only when we may install it).
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "install: chromium (Debian) for the HTML report test"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; } \
+    || echo "install: could not install chromium; the HTML report test will be skipped"
+fi
+
 if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ "$STAMP" -nt scripts/install.sh ]; then
   echo "install: $VENV is up to date"; exit 0
 fi

@@ -212,6 +212,80 @@ def validate_cmd(artifact: Path, threads: int | None) -> None:
                f"generated {len(out)} tokens with {sess.threads} threads")
 
 
+@cli.command("build", epilog="Example:  quantprism build --targets targets.toml --out build/ --only llamacpp-cpu-q4km")
+@click.option("--targets", "targets_file", type=click.Path(path_type=Path), default=DEFAULT_TARGETS, show_default=True)
+@click.option("--only", multiple=True, help="Only these targets (repeatable).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("build"), show_default=True)
+@click.option("--skip-bench", is_flag=True, help="Skip the latency benchmarks (latency gates are then skipped).")
+@click.option("--model", default=None, help="Model directory (overrides [defaults].model).")
+@click.option("--calibration", default=None, help="Calibration source (overrides [defaults].calibration).")
+@click.option("--eval-text", default=None, help="Held-out text (overrides [defaults].eval_text).")
+@click.option("--eval-chunks", type=int, default=16, show_default=True, help="512-token chunks scored per target.")
+@click.option("--threads", type=int, default=None, help="Runtime threads (default: all cores, at most 8).")
+def build_cmd(targets_file: Path, only: tuple[str, ...], out: Path, skip_bench: bool, model: str | None,
+              calibration: str | None, eval_text: str | None, eval_chunks: int, threads: int | None) -> None:
+    """Build every target: one canonical pass, exports, and per target a smoke test, quality in its own runtime
+    against the original model, and a latency benchmark; results.json, report.md and report.html in OUT.
+
+    Exit 0 when every gate holds, 1 when a gate fails or a target fails, 2 on bad input.
+    """
+    from rich.progress import Progress
+
+    from .build.runner import BuildSettings, build
+    from .calibration import eval_text_path
+    from .errors import ConfigError
+    from .pipeline import targets_of
+
+    tf, info = _load_targets(targets_file, model)
+    d = tf.defaults
+    targets = targets_of(tf, list(only))
+    if eval_chunks < 1:
+        raise ConfigError("--eval-chunks must be ≥ 1")
+    console = _console()
+    s = BuildSettings(out=out, calibration=calibration or d.calibration, samples=d.samples, seq_len=d.seq_len, seed=d.seed,
+                      eval_text=eval_text_path(eval_text or d.eval_text), eval_chunks=eval_chunks,
+                      threads=threads or min(os.cpu_count() or 1, 8), skip_bench=skip_bench,
+                      log=lambda m: console.print(f"[dim]·[/dim] {m}", highlight=False))
+    with Progress(transient=True, console=console) as prog:
+        task = prog.add_task("canonical pass", total=None)
+        doc = build(targets, info, s, progress=lambda mod, li, n: prog.advance(task))
+    from .build.report import render_md
+
+    console.print(render_md(doc), markup=False, highlight=False)
+    console.print(f"results: {out / 'results.json'} · report: {out / 'report.md'}, {out / 'report.html'}")
+    if not doc["passed"]:
+        raise click.exceptions.Exit(1)
+
+
+@cli.command("report", epilog="Example:  quantprism report build/results.json --baseline previous/results.json")
+@click.argument("results", type=click.Path(path_type=Path))
+@click.option("--baseline", type=click.Path(path_type=Path), default=None, help="A previous results.json to compare with.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Where to write report.md/html (default: beside RESULTS).")
+def report_cmd(results: Path, baseline: Path | None, out: Path | None) -> None:
+    """Re-render a build's reports, with deltas against a previous build (regressions marked ⚠)."""
+    import json
+
+    from .build.report import render_md, write_reports
+    from .build.results import SCHEMA
+    from .errors import ConfigError
+
+    def load(p: Path) -> dict:
+        try:
+            doc = json.loads(Path(p).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: no such results file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: not a results.json ({e})") from None
+        if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+            raise ConfigError(f"{p}: not a quantprism build results file (schema {SCHEMA} expected)")
+        return doc
+
+    doc = load(results)
+    base = load(baseline) if baseline else None
+    write_reports(doc, out or results.parent, base)
+    _console().print(render_md(doc, base), markup=False, highlight=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit code 2."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

