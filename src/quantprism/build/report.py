@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from ..manifest import write_text_atomic
+from .results import get as _get
 
 COLUMNS = [("size MB", ("size_mb",), "{:.2f}"), ("bits/w", ("bits_per_weight",), "{:.2f}"),
            ("KLD", ("quality", "kld_mean"), "{:.6f}"), ("KLD p99", ("quality", "kld_p99"), "{:.5f}"),
@@ -14,15 +15,6 @@ COLUMNS = [("size MB", ("size_mb",), "{:.2f}"), ("bits/w", ("bits_per_weight",),
            ("decode tok/s p50", ("latency", "decode_tok_s_p50"), "{:.1f}"), ("p95", ("latency", "decode_tok_s_p95"), "{:.1f}"),
            ("RSS MB", ("latency", "peak_rss_mb"), "{:.0f}")]
 LOWER_IS_BETTER = {"KLD", "KLD p99", "PPL ratio", "TTFT ms", "RSS MB", "size MB", "bits/w"}
-
-
-def _get(row: dict, path: tuple[str, ...]):
-    cur = row
-    for k in path:
-        if not isinstance(cur, dict) or cur.get(k) is None:
-            return None
-        cur = cur[k]
-    return cur
 
 
 def _fmt(v, f: str) -> str:

@@ -21,7 +21,8 @@ GATE_FIELDS = {
 }
 
 
-def _get(row: dict, path: tuple[str, ...]):
+def get(row: dict, path: tuple[str, ...]):
+    """row[path[0]][path[1]]…, or None where any level is missing."""
     cur = row
     for k in path:
         if not isinstance(cur, dict) or cur.get(k) is None:
@@ -36,7 +37,7 @@ def evaluate_gates(row: dict, gates: dict[str, float], skip_bench: bool) -> dict
     out = {}
     for name, limit in gates.items():
         path, op = GATE_FIELDS[name]
-        value = _get(row, path)
+        value = get(row, path)
         if path[0] == "latency" and (skip_bench or (row.get("latency") or {}).get("comparable") is False):
             out[name] = {"limit": limit, "value": value, "passed": None,
                          "skipped": "--skip-bench" if skip_bench else f"kernel {row.get('kernel')} is not a speed figure"}
