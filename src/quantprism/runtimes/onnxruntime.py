@@ -1,0 +1,175 @@
+"""ONNX Runtime adapter: open an exported ONNX directory, greedy KV-cache generation, teacher-forced logits.
+
+The graph takes input_ids, attention_mask (past + current), position_ids and past_key_values.N.key/
+value, and returns logits and present.N.key/value: prefill is one run from an empty past, each decode
+step one run with the previous presents fed back. present → past is matched by exact name
+(a substring match on "key" would also hit "past_key_values.N.value"). KV geometry and special
+tokens come from the model's own metadata (quantprism.* properties), tokenization from the HF
+tokenizer files copied next to model.onnx.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ArtifactError, RuntimeUnavailable
+
+MODEL_FILE = "model.onnx"
+OPT_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def available() -> tuple[bool, str]:
+    try:
+        import onnxruntime
+    except ImportError as e:
+        return False, f"onnxruntime is not installed ({e}); run `pip install -e .[onnx]`"
+    return True, f"onnxruntime {onnxruntime.__version__}"
+
+
+def _model_path(path: Path) -> Path:
+    path = Path(path)
+    model = path / MODEL_FILE if path.is_dir() else path
+    if not model.is_file():
+        raise ArtifactError(f"{path}: no {MODEL_FILE}; export the ONNX artifact first")
+    return model
+
+
+def check_onnx(path: Path) -> dict:
+    """Structural check without building a session: protobuf parses, every external-data file is there and long enough."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    model = _model_path(path)
+    try:
+        proto = onnx.load(str(model), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError) as e:
+        raise ArtifactError(f"{model}: corrupt or truncated ONNX file ({type(e).__name__}); re-export it") from None
+    if not proto.graph.node:
+        raise ArtifactError(f"{model}: the ONNX graph is empty; re-export it")
+    need: dict[str, int] = {}
+    for t in proto.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            kv = {e.key: e.value for e in t.external_data}
+            end = int(kv.get("offset", 0)) + int(kv.get("length", 0))
+            need[kv["location"]] = max(need.get(kv["location"], 0), end)
+    for loc, end in sorted(need.items()):
+        f = model.parent / loc
+        if not f.is_file():
+            raise ArtifactError(f"{model}: external data file {loc} is missing; copy it next to {MODEL_FILE} or re-export")
+        if f.stat().st_size < end:
+            raise ArtifactError(f"{f}: truncated external data ({f.stat().st_size} bytes, tensors need {end}); re-export it")
+    ops = sorted({f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in proto.graph.node})
+    return {"nodes": len(proto.graph.node), "ops": ops, "external_data": sorted(need)}
+
+
+class OnnxRuntimeSession:
+    """One loaded ONNX decoder. ``logits`` is teacher-forced (one run from an empty past); ``generate`` is greedy."""
+
+    runtime = "onnxruntime"
+    kernel = "native"
+
+    def __init__(self, path: Path, threads: int | None = None, opt_level: str = "all", spinning: bool = True):
+        ok, why = available()
+        if not ok:
+            raise RuntimeUnavailable(why)
+        import onnxruntime as ort
+
+        if opt_level not in OPT_LEVELS:
+            raise ValueError(f"opt_level {opt_level!r}: use one of {', '.join(OPT_LEVELS)}")
+        model = _model_path(path)
+        self.root = model.parent
+        self.threads = threads or min(os.cpu_count() or 1, 8)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[opt_level]
+        # spinning trades idle CPU for lower latency between decode steps; off when cores are shared
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        so.log_severity_level = 3
+        try:
+            self.sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises assorted errors; find the cause, then say it in one line
+            check_onnx(model)
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise ArtifactError(f"{model}: ONNX Runtime cannot load it ({first}); re-export it") from None
+        meta = self.sess.get_modelmeta().custom_metadata_map
+        self.inputs = [i.name for i in self.sess.get_inputs()]
+        self.outputs = [o.name for o in self.sess.get_outputs()]
+        self.past = [n for n in self.inputs if n.startswith("past_key_values.")]
+        self.present = ["present." + n.removeprefix("past_key_values.") for n in self.past]
+        missing = [p for p in self.present if p not in self.outputs]
+        if missing or "logits" not in self.outputs or "input_ids" not in self.inputs:
+            raise ArtifactError(f"{model}: not a KV-cache decoder graph (outputs {self.outputs[:3]}…); re-export it")
+        shapes = {i.name: i.shape for i in self.sess.get_inputs()}
+        self.kv_heads = int(meta.get("quantprism.num_kv_heads", shapes[self.past[0]][1]))
+        self.head_dim = int(meta.get("quantprism.head_dim", shapes[self.past[0]][3]))
+        self.eos = set(json.loads(meta.get("quantprism.eos_token_id", "[]")))
+        self._tok = None
+
+    @property
+    def tokenizer(self):
+        if self._tok is None:
+            from transformers import AutoTokenizer
+
+            try:
+                self._tok = AutoTokenizer.from_pretrained(str(self.root), local_files_only=True)
+            except (OSError, ValueError) as e:
+                raise ArtifactError(f"{self.root}: no usable tokenizer files next to {MODEL_FILE} ({e})") from None
+            if not self.eos and self._tok.eos_token_id is not None:
+                self.eos = {int(self._tok.eos_token_id)}
+        return self._tok
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _empty_past(self) -> list[np.ndarray]:
+        return [np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32) for _ in self.past]
+
+    def _step(self, ids: list[int], past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One graph run: logits [T, V] of ``ids`` after ``past``, and the presents (the next past)."""
+        n_past = past[0].shape[2] if past else 0
+        t = len(ids)
+        feed = {"input_ids": np.asarray(ids, np.int64)[None],
+                "attention_mask": np.ones((1, n_past + t), np.int64),
+                "position_ids": np.arange(n_past, n_past + t, dtype=np.int64)[None]}
+        feed.update(zip(self.past, past, strict=True))
+        out = self.sess.run(["logits", *self.present], feed)
+        return out[0][0], out[1:]
+
+    def logits(self, ids: list[int] | np.ndarray) -> np.ndarray:
+        return np.asarray(self._step([int(i) for i in ids], self._empty_past())[0], np.float32)
+
+    def timed_generate(self, ids: list[int], max_tokens: int, stop_at_eos: bool = True) -> tuple[list[int], float, list[float]]:
+        """Greedy generation with timings: (tokens, seconds to the first token, seconds per later token)."""
+        t0 = time.perf_counter()
+        logits, past = self._step([int(i) for i in ids], self._empty_past())
+        tok = int(np.argmax(logits[-1]))
+        ttft = time.perf_counter() - t0
+        out: list[int] = []
+        per_token: list[float] = []
+        while len(out) < max_tokens and not (stop_at_eos and tok in self.eos):
+            out.append(tok)
+            if len(out) == max_tokens:
+                break
+            t1 = time.perf_counter()
+            logits, past = self._step([tok], past)
+            tok = int(np.argmax(logits[-1]))
+            per_token.append(time.perf_counter() - t1)
+        return out, ttft, per_token
+
+    def generate(self, ids: list[int], max_tokens: int) -> list[int]:
+        return self.timed_generate(ids, max_tokens)[0]
+
+    def close(self) -> None:
+        self.sess = None
+
+
+def open_session(path: Path, threads: int | None = None, opt_level: str = "all", spinning: bool = True) -> OnnxRuntimeSession:
+    return OnnxRuntimeSession(path, threads, opt_level, spinning)
