@@ -26,9 +26,9 @@ def write(tmp_path: Path, text: str) -> Path:
     return p
 
 
-def test_repo_targets_file_has_the_four_default_targets():
+def test_repo_targets_file_has_the_default_targets():
     tf = parse_targets(REPO / "targets.toml")
-    assert list(tf.targets) == ["llamacpp-cpu-q4km", "vllm-gptq-w4g128", "vllm-awq-w4g128", "onnx-cpu-int8"]
+    assert list(tf.targets) == ["llamacpp-cpu-q4km", "vllm-gptq-w4g128", "vllm-awq-w4g128", "onnx-cpu-int8", "onnx-cpu-int4"]
     q4 = tf.targets["llamacpp-cpu-q4km"]
     assert (q4.format, q4.runtime, q4.quant) == ("gguf", "llamacpp", "Q4_K_M")
     g = tf.targets["vllm-gptq-w4g128"]

@@ -192,24 +192,37 @@ def eval_cmd(canonical: Path, grid: str | None, model: str | None, eval_text: st
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--threads", type=int, default=None, help="Runtime threads (default: all cores, at most 8).")
 def validate_cmd(artifact: Path, threads: int | None) -> None:
-    """Check an artifact's structure and smoke-test it in its own runtime (GGUF → llama.cpp).
+    """Check an artifact's structure and smoke-test it in its own runtime.
 
-    A malformed or truncated file is one line on stderr and exit 2.
+    A .gguf file → llama.cpp; a .onnx file (or a directory with model.onnx) → ONNX Runtime; an HF
+    checkpoint directory with a quantization_config → vLLM. A malformed, truncated or incomplete artifact
+    (e.g. a missing external-data file) is one line on stderr and exit 2.
     """
     from .errors import ArtifactError
-    from .runtimes import llamacpp
+    from .runtimes import open_runtime
 
-    if artifact.suffix != ".gguf":
-        raise ArtifactError(f"{artifact}: unknown artifact type; validate takes a .gguf file for now")
-    sess = llamacpp.open_session(artifact, n_ctx=256, threads=threads)  # checks the structure first
-    info = sess.info
+    artifact = Path(artifact)
+    if artifact.suffix == ".gguf":
+        from .runtimes.llamacpp import check_gguf
+
+        runtime, facts = "llamacpp", check_gguf(artifact)
+        what = f"{facts['architecture']}, {facts['tensors']} tensors"
+    elif artifact.suffix == ".onnx" or (artifact / "model.onnx").is_file() or (artifact / "quantprism_onnx.json").is_file():
+        from .runtimes.onnxruntime import check_onnx
+
+        runtime, facts = "onnxruntime", check_onnx(artifact)
+        what = f"{facts['nodes']} nodes" + (f", external data {', '.join(facts['external_data'])}" if facts["external_data"] else "")
+    elif (artifact / "config.json").is_file():
+        runtime, what = "vllm", "HF checkpoint"
+    else:
+        raise ArtifactError(f"{artifact}: unknown artifact type; validate takes a .gguf file, a .onnx file or an HF checkpoint directory")
+    sess = open_runtime(runtime, artifact, threads, n_ctx=256)
     try:
-        prompt = sess.tokenize("def main():")
-        out = sess.generate(prompt, 16)
+        out = sess.generate([0] + sess.tokenize("def main():"), 16)
     finally:
         sess.close()
-    click.echo(f"{artifact}: {info['architecture']}, {info['tensors']} tensors, loads in llama.cpp, "
-               f"generated {len(out)} tokens with {sess.threads} threads")
+    name = {"llamacpp": "llama.cpp", "onnxruntime": "ONNX Runtime", "vllm": "vLLM"}[runtime]
+    click.echo(f"{artifact}: {what}, loads in {name} (kernel {sess.kernel}), generated {len(out)} tokens with {sess.threads} threads")
 
 
 @cli.command("build", epilog="Example:  quantprism build --targets targets.toml --out build/ --only llamacpp-cpu-q4km")

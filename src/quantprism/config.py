@@ -219,11 +219,12 @@ def _check_combination(where: str, fmt: str, method: str, vals: dict[str, Any]) 
         raise ConfigError(f"{where} key 'max_bpw': must be > 0")
     if vals.get("protect", 0) < 0:
         raise ConfigError(f"{where} key 'protect': must be ≥ 0")
-    act_quant = (fmt == "compressed-tensors" and quant == "W8A8") or (fmt == "onnx" and quant == "w8a8")
+    # ONNX MatMulNBits runs with accuracy_level 4: activations are rounded to int8 per block inside the kernel
+    act_quant = (fmt == "compressed-tensors" and quant == "W8A8") or fmt == "onnx"
     if method.startswith("smoothquant") and not act_quant:
         raise ConfigError(
             f"{where} key 'method': SmoothQuant only helps when activations are quantized; "
-            "use it with compressed-tensors quant=\"W8A8\" or onnx quant=\"w8a8\""
+            "use it with compressed-tensors quant=\"W8A8\" or an onnx target (its kernels quantize activations)"
         )
     if fmt == "gguf":
         if quant not in GGUF_QUANTS:

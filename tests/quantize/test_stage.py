@@ -108,12 +108,12 @@ def test_transforms_leave_fp_outputs_unchanged(bundled, transform):
         assert not torch.equal(work.mlp.down_proj.weight, layer.mlp.down_proj.weight)
 
 
-def test_one_pass_serves_all_four_default_targets(bundled):
+def test_one_pass_serves_all_default_targets(bundled):
     """Layer forwards are 2 per layer (stats + quantized propagation) whatever the number of targets."""
     info, calib = bundled
     tf = parse_targets(REPO / "targets.toml")
     recipes, index = plan_recipes(list(tf.targets.values()))
-    assert len(index) == 4 and len(recipes) == 2  # GGUF/GPTQ/ONNX share one recipe, AWQ has its own
+    assert len(index) == 5 and len(recipes) == 2  # GGUF/GPTQ/ONNX share one recipe, AWQ has its own
     small = calib.input_ids[:2, :64]
     counts = []
     for rs in ([recipes[0]], recipes):

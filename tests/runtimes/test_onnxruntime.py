@@ -108,9 +108,11 @@ def test_session_options_and_latency(nbits8):
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "no_data", "short_data", "no_model"])
-def test_damaged_artifact_is_one_line_error(nbits8, tmp_path, damage):
+def test_damaged_artifact_is_one_line_error(nbits8, tmp_path, damage, run_cli):
     from quantprism.exporters.onnx import DATA_FILE, MODEL_FILE
     from quantprism.runtimes.onnxruntime import open_session
+
+    from conftest import assert_one_line_error
 
     d = shutil.copytree(nbits8[3], tmp_path / "a")
     if damage == "garbage":
@@ -131,3 +133,11 @@ def test_damaged_artifact_is_one_line_error(nbits8, tmp_path, damage):
     assert "\n" not in msg and str(d) in msg
     expect = {"no_data": "missing", "short_data": "truncated", "no_model": "no model.onnx"}.get(damage)
     assert expect is None or expect in msg
+    rc, _, err = run_cli("validate", d)  # the CLI: one line on stderr, exit 2
+    assert_one_line_error(rc, err, *([expect] if expect else []))
+
+
+def test_validate_cli_runs_a_good_onnx_artifact(nbits8, run_cli):
+    rc, out, err = run_cli("validate", nbits8[3], "--threads", "1")
+    assert rc == 0, err
+    assert "loads in ONNX Runtime" in out and "generated" in out and "external data" in out

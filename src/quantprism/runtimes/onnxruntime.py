@@ -108,8 +108,10 @@ class OnnxRuntimeSession:
         if missing or "logits" not in self.outputs or "input_ids" not in self.inputs:
             raise ArtifactError(f"{model}: not a KV-cache decoder graph (outputs {self.outputs[:3]}…); re-export it")
         shapes = {i.name: i.shape for i in self.sess.get_inputs()}
-        self.kv_heads = int(meta.get("quantprism.num_kv_heads", shapes[self.past[0]][1]))
-        self.head_dim = int(meta.get("quantprism.head_dim", shapes[self.past[0]][3]))
+        genai = self.root / "genai_config.json"  # onnxruntime-genai graphs leave head_size symbolic
+        dec = json.loads(genai.read_text()).get("model", {}).get("decoder", {}) if genai.is_file() else {}
+        self.kv_heads = int(meta.get("quantprism.num_kv_heads", dec.get("num_key_value_heads", shapes[self.past[0]][1])))
+        self.head_dim = int(meta.get("quantprism.head_dim", dec.get("head_size", shapes[self.past[0]][3])))
         self.eos = set(json.loads(meta.get("quantprism.eos_token_id", "[]")))
         self._tok = None
 
@@ -139,6 +141,7 @@ class OnnxRuntimeSession:
         feed = {"input_ids": np.asarray(ids, np.int64)[None],
                 "attention_mask": np.ones((1, n_past + t), np.int64),
                 "position_ids": np.arange(n_past, n_past + t, dtype=np.int64)[None]}
+        feed = {k: v for k, v in feed.items() if k in self.inputs}  # onnxruntime-genai graphs take no position_ids
         feed.update(zip(self.past, past, strict=True))
         out = self.sess.run(["logits", *self.present], feed)
         return out[0][0], out[1:]
