@@ -18,7 +18,7 @@ LOWER_IS_BETTER = {"KLD", "KLD p99", "PPL ratio", "TTFT ms", "RSS MB", "size MB"
 
 
 def _fmt(v, f: str) -> str:
-    if isinstance(v, float) and -1e-9 < v < 0:
+    if isinstance(v, float) and -1e-5 < v < 0:
         v = 0.0  # the uint16 base encoding leaves the reference row a rounding hair below zero
     return "–" if v is None else f.format(v)
 
