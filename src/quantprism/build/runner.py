@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +40,7 @@ class BuildSettings:
     prompt_len: int = 128
     decode_tokens: int = 32
     repeats: int = 5
-    log: callable = print
+    log: Callable[[str], None] = print
     seconds: dict = field(default_factory=dict)
 
 

@@ -32,9 +32,9 @@ def slice_masks(tokenizer, eval_text: Path, chunks: np.ndarray, calibration_ids:
     lines = text.split("\n")
     code_line = np.array([bool(CODE_LINE.search(ln)) for ln in lines])
     tok_line = np.searchsorted(line_starts, offsets[nxt, 0], side="right") - 1
-    counts = np.bincount(np.asarray(calibration_ids).reshape(-1), minlength=int(chunks.max()) + 1)
     next_ids = np.asarray(enc["input_ids"])[nxt]
-    freq = counts[np.minimum(next_ids, counts.size - 1)]
+    counts = np.bincount(np.asarray(calibration_ids).reshape(-1), minlength=int(next_ids.max()) + 1)
+    freq = counts[next_ids]  # a token calibration never saw counts 0
     rare_cut = np.percentile(freq, 10)
     return {
         "long_context": np.tile(pos >= n_ctx * 3 // 4, n_chunks),
