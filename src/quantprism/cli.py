@@ -203,10 +203,7 @@ def validate_cmd(artifact: Path, threads: int | None) -> None:
 
     artifact = Path(artifact)
     if artifact.suffix == ".gguf":
-        from .runtimes.llamacpp import check_gguf
-
-        runtime, facts = "llamacpp", check_gguf(artifact)
-        what = f"{facts['architecture']}, {facts['tensors']} tensors"
+        runtime, what = "llamacpp", None  # the session checks the structure first and keeps the facts
     elif artifact.suffix == ".onnx" or (artifact / "model.onnx").is_file() or (artifact / "quantprism_onnx.json").is_file():
         from .runtimes.onnxruntime import check_onnx
 
@@ -217,6 +214,8 @@ def validate_cmd(artifact: Path, threads: int | None) -> None:
     else:
         raise ArtifactError(f"{artifact}: unknown artifact type; validate takes a .gguf file, a .onnx file or an HF checkpoint directory")
     sess = open_runtime(runtime, artifact, threads, n_ctx=256)
+    if what is None:
+        what = f"{sess.info['architecture']}, {sess.info['tensors']} tensors"
     try:
         out = sess.generate([0] + sess.tokenize("def main():"), 16)
     finally:

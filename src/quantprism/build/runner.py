@@ -179,7 +179,7 @@ def build(targets: list[Target], info: ModelInfo, s: BuildSettings, progress=Non
     bos = load_tokenizer(info).bos_token_id or 0
 
     t0 = time.perf_counter()
-    original = {"name": "original", "format": "safetensors", "runtime": "torch", "scheme": "bf16" if "bf16" in str(info.config.get("torch_dtype", info.config.get("dtype", ""))) else "fp",
+    original = {"name": "original", "format": "safetensors", "runtime": "torch", "scheme": str(info.config.get("torch_dtype") or info.config.get("dtype") or "fp"),
                 "artifact": str(info.path), "status": "ok"}
     original["files"] = {k: v for k, v in file_table(info.path).items() if k.endswith((".safetensors", ".json"))}
     original["size_bytes"] = sum(f["bytes"] for k, f in original["files"].items() if k.endswith(".safetensors"))

@@ -103,6 +103,7 @@ class OnnxRuntimeSession:
         self.inputs = [i.name for i in self.sess.get_inputs()]
         self.outputs = [o.name for o in self.sess.get_outputs()]
         self.past = [n for n in self.inputs if n.startswith("past_key_values.")]
+        self.has_position_ids = "position_ids" in self.inputs
         self.present = ["present." + n.removeprefix("past_key_values.") for n in self.past]
         missing = [p for p in self.present if p not in self.outputs]
         if missing or "logits" not in self.outputs or "input_ids" not in self.inputs:
@@ -138,10 +139,9 @@ class OnnxRuntimeSession:
         """One graph run: logits [T, V] of ``ids`` after ``past``, and the presents (the next past)."""
         n_past = past[0].shape[2] if past else 0
         t = len(ids)
-        feed = {"input_ids": np.asarray(ids, np.int64)[None],
-                "attention_mask": np.ones((1, n_past + t), np.int64),
-                "position_ids": np.arange(n_past, n_past + t, dtype=np.int64)[None]}
-        feed = {k: v for k, v in feed.items() if k in self.inputs}  # onnxruntime-genai graphs take no position_ids
+        feed = {"input_ids": np.asarray(ids, np.int64)[None], "attention_mask": np.ones((1, n_past + t), np.int64)}
+        if self.has_position_ids:  # onnxruntime-genai graphs take none
+            feed["position_ids"] = np.arange(n_past, n_past + t, dtype=np.int64)[None]
         feed.update(zip(self.past, past, strict=True))
         out = self.sess.run(["logits", *self.present], feed)
         return out[0][0], out[1:]

@@ -134,18 +134,19 @@ class VllmSession:
         if not torch.cuda.is_available():
             torch.set_num_threads(self.threads)
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        import json
+
         import vllm._custom_ops  # noqa: F401
 
+        config = json.loads((path / "config.json").read_text())
         self.kernel = "native"
-        if self._is_4bit(path) and not native_wna16():
+        if self._is_4bit(config) and not native_wna16():
             if not emulate_wna16:
                 raise RuntimeUnavailable("this vLLM build has no 4-bit weight-only kernel (needs AVX-512 or CUDA); "
                                          "pass emulate_wna16=True for a correctness-only run")
             _register_emulated_wna16()
             self.kernel = "emulated-wna16"
-        import json
-
-        self.vocab = int(json.loads((path / "config.json").read_text())["vocab_size"])
+        self.vocab = int(config["vocab_size"])
         try:
             self.llm = LLM(model=str(path), tokenizer=str(path), dtype=dtype, max_model_len=max_model_len,
                            enforce_eager=True, seed=seed, max_num_seqs=4, max_num_batched_tokens=max(max_model_len, 2048),
@@ -158,10 +159,8 @@ class VllmSession:
         self.max_model_len = max_model_len
 
     @staticmethod
-    def _is_4bit(path: Path) -> bool:
-        import json
-
-        q = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    def _is_4bit(config: dict) -> bool:
+        q = config.get("quantization_config") or {}
         if q.get("quant_method") in ("gptq", "awq"):
             return int(q.get("bits", q.get("w_bit", 4))) == 4
         if q.get("quant_method") == "compressed-tensors":
