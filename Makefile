@@ -14,7 +14,7 @@ demo: install  ## the main job: build every target of ./targets.toml on the bund
 	$(QP) targets targets.toml
 	$(QP) build --targets targets.toml --out build
 
-test: install  ## the whole suite
+test: install  ## the whole suite (-ra in pyproject prints the skip list; under CI=true only the CUDA test may skip)
 	$(PY) -m pytest -q
 
 test-fast: install

@@ -35,17 +35,16 @@ def child(path: Path, threads: int, prompt_len: int, decode: int, repeats: int) 
 def bundled_artifacts(work: Path) -> dict[str, Path]:
     from quantprism.config import Target
     from quantprism.exporters.gguf import write_gguf
-    from quantprism.model import load_model_info, load_torch_model
+    from quantprism.model import load_model_info
     from quantprism.pipeline import plan_recipes, run_stage
 
     info = load_model_info(None)
     targets = [Target(name=ft, format="gguf", runtime="llamacpp", quant=ft, method="gptq") for ft in ("Q8_0", "Q4_K_M")]
     recipes, index = plan_recipes(targets)
     run = run_stage(info, recipes, None, 128, 512, 0)
-    state = load_torch_model(info).state_dict()
-    out = {"F16": write_gguf(work / "bundled-F16.gguf", info, state, None, "F16")}
+    out = {"F16": write_gguf(work / "bundled-F16.gguf", info, None, "F16")}
     for t in targets:
-        out[t.quant] = write_gguf(work / f"bundled-{t.quant}.gguf", info, state, run.results[index[t.name]], t.quant)
+        out[t.quant] = write_gguf(work / f"bundled-{t.quant}.gguf", info, run.results[index[t.name]], t.quant)
     return out
 
 
@@ -68,10 +67,8 @@ def synthetic_artifacts(work: Path, threads: int) -> dict[str, Path]:
         del model
     out = {"F16": work / "synthetic-F16.gguf"}
     if not out["F16"].is_file():
-        from quantprism.model import load_torch_model
-
         info = load_model_info(hf)
-        write_gguf(out["F16"], info, load_torch_model(info).state_dict(), None, "F16")
+        write_gguf(out["F16"], info, None, "F16")
     for ft in ("Q8_0", "Q4_K_M"):
         out[ft] = work / f"synthetic-{ft}.gguf"
         if not out[ft].is_file():

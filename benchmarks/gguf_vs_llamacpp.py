@@ -54,20 +54,19 @@ def main() -> None:
     run = run_stage(info, recipes, args.calibration, args.samples, args.seq_len, 0, cache_dir=args.cache_dir)
     secs["canonical_stage"] = round(time.time() - t0, 1)
     model = load_torch_model(info)
-    state = model.state_dict()
     t0 = time.time()
     imat = fp_imatrix(model, run.calibration.input_ids)
     secs["fp_imatrix"] = round(time.time() - t0, 1)
 
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    f16 = write_gguf(args.work / "f16.gguf", info, state, None, "F16")
+    f16 = write_gguf(args.work / "f16.gguf", info, None, "F16")
     files: dict[str, dict[str, Path]] = {}
     for t in targets:
         ft = t.quant
         res = run.results[index[t.name]]
         prov = {"calibration": run.calibration.record()}
-        files[ft] = {"ours": write_gguf(args.work / f"ours-{ft}.gguf", info, state, res, ft, provenance=prov)}
+        files[ft] = {"ours": write_gguf(args.work / f"ours-{ft}.gguf", info, res, ft, provenance=prov)}
     secs["write_ours"] = round(time.time() - t0, 1)
     t0 = time.time()
     for ft in FILE_TYPES:

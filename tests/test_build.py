@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make install builds it)")
+from conftest import require  # noqa: E402
+
+require("llama_cpp", "make install builds llama-cpp-python")
 pytestmark = [pytest.mark.llamacpp, pytest.mark.slow]
 
 TOML = """

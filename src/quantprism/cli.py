@@ -13,10 +13,11 @@ from .errors import QuantprismError
 DEFAULT_TARGETS = Path("targets.toml")
 
 
-def _console():
+def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(soft_wrap=False, width=max(160, int(os.environ.get("COLUMNS", "0") or 0)))  # CI logs: no truncation
+    # CI logs: no truncation
+    return Console(soft_wrap=False, width=max(160, int(os.environ.get("COLUMNS", "0") or 0)), stderr=stderr)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,6 +51,17 @@ def targets_cmd(file: Path, model: str | None) -> None:
         gates = ", ".join(f"{k}={v:g}" for k, v in t.gates.items()) or "-"
         table.add_row(t.name, t.format, t.runtime, t.scheme, t.method, t.hardware, gates)
     _console().print(table)
+    from .config import SIZE_GATES
+    from .hardware import detect
+
+    machine = detect()
+    for t in tf.targets.values():
+        if not any(g in t.gates for g in SIZE_GATES):
+            _console(stderr=True).print(f"warning: target {t.name} has no size gate ({' or '.join(SIZE_GATES)}): an export "
+                                        "that left its weights in floating point would pass", markup=False)
+        if not machine.matches(t.hardware):
+            _console(stderr=True).print(f"note: target {t.name} is built for {t.hardware}; this machine is {machine.kind}, "
+                                        "so its runtime checks here do not use the deployment's arithmetic", markup=False)
 
 
 @cli.command("inspect", epilog="Example:  quantprism inspect ./my-llama --targets targets.toml --calibration data.jsonl")

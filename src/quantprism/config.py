@@ -52,11 +52,13 @@ GATES = {
     "min_top1": float,
     "max_ppl_ratio": float,
     "min_decode_tok_s": float,
+    "min_decode_speedup": float,
     "min_prefill_tok_s": float,
     "max_ttft_ms": float,
     "max_bits_per_weight": float,
     "max_size_mb": float,
 }
+SIZE_GATES = ("max_size_mb", "max_bits_per_weight")  # every target should have one (`quantprism targets` warns)
 DEFAULT_KEYS = {
     "model": str, "calibration": str, "samples": int, "seq_len": int, "seed": int, "eval_text": str,
 }

@@ -14,7 +14,9 @@ from quantprism.model import load_model_info, load_tokenizer, load_torch_model
 from quantprism.pipeline import plan_recipes, run_stage
 
 REPO = Path(__file__).resolve().parents[2]
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make install builds it)")
+from conftest import require  # noqa: E402
+
+llama_cpp = require("llama_cpp", "make install builds llama-cpp-python")
 
 
 def test_mixture_rules_match_llama_cpp():
@@ -34,8 +36,7 @@ def test_q4km_is_lossless_and_runs_in_llama_cpp(tmp_path):
     target = parse_targets(REPO / "targets.toml").targets["llamacpp-cpu-q4km"]
     recipes, _ = plan_recipes([target])
     res = run_stage(info, recipes, "builtin", 8, 128, 0, cache_dir=tmp_path / "c").results[0]
-    state = load_torch_model(info).state_dict()
-    path = write_gguf(tmp_path / "m.gguf", info, state, res, "Q4_K_M")
+    path = write_gguf(tmp_path / "m.gguf", info, res, "Q4_K_M")
 
     types = tensor_types("Q4_K_M", info.n_layers, info.tied_embeddings)
     n_head, n_kv = info.config["num_attention_heads"], info.config["num_key_value_heads"]
@@ -78,7 +79,10 @@ def test_q4km_is_lossless_and_runs_in_llama_cpp(tmp_path):
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "llama-tied"])
 def test_families_load_in_llama_cpp(tmp_path, tiny_models, family):
     """Mistral (llama arch, permuted q/k), Qwen2 (biases, tied, NEOX rope), tied Llama: llama.cpp loads them
-    and its logits match the torch model built from the same canonical weights."""
+    and its logits match the torch model built from the same canonical weights. Random weights attend almost
+    uniformly, so this is a weak check of the q/k permutation (without it: max |Δlogit| 0.067 vs tol 0.027
+    here, KLD 8.8e-5 on the eval text); test_gguf_rope_trained.py proves the permutation and the biases on the
+    trained weights and shows a broken permutation failing there."""
     import torch
 
     from quantprism.config import Target
@@ -89,7 +93,7 @@ def test_families_load_in_llama_cpp(tmp_path, tiny_models, family):
     recipes, _ = plan_recipes([t])
     res = run_stage(info, recipes, "builtin", 4, 64, 0, cache_dir=tmp_path / "c").results[0]
     model = load_torch_model(info)
-    path = write_gguf(tmp_path / "m.gguf", info, model.state_dict(), res, "Q8_0")
+    path = write_gguf(tmp_path / "m.gguf", info, res, "Q8_0")
     ov = canonical_overrides(res, lambda m: "q8_0")
     if info.tied_embeddings:
         ov["model.embed_tokens.weight"] = ov.pop("lm_head.weight")
@@ -103,7 +107,7 @@ def test_families_load_in_llama_cpp(tmp_path, tiny_models, family):
     llm.eval(ids)
     got = np.asarray(llm.scores[: len(ids)])
     tol = 2e-2 * max(1.0, np.abs(ref).max())
-    assert np.abs(got - ref).max() < tol  # a wrong permutation, bias or tie would be off by O(1)
+    assert np.abs(got - ref).max() < tol  # a missing q/k permutation: only ~2.5 tol here
     # llama.cpp quantizes activations to 8 bits for Q8_0 dot products: argmax may differ only at near-ties
     top2 = np.sort(ref, -1)[:, -2:]
     differ = got.argmax(-1) != ref.argmax(-1)
@@ -117,7 +121,7 @@ def q4km(tmp_path_factory):
     target = parse_targets(REPO / "targets.toml").targets["llamacpp-cpu-q4km"]
     recipes, _ = plan_recipes([target])
     res = run_stage(info, recipes, "builtin", 16, 256, 0, cache_dir=tmp / "c").results[0]
-    return info, res, write_gguf(tmp / "m.gguf", info, load_torch_model(info).state_dict(), res, "Q4_K_M")
+    return info, res, write_gguf(tmp / "m.gguf", info, res, "Q4_K_M")
 
 
 @pytest.mark.llamacpp
@@ -209,12 +213,11 @@ def test_rtn_export_is_byte_identical_to_llama_cpp_quantizer(tmp_path):
     recipes, _ = plan_recipes(targets)
     assert len(recipes) == 1
     res = run_stage(info, recipes, "builtin", 8, 128, 0, cache_dir=tmp_path / "c").results[0]
-    state = load_torch_model(info).state_dict()
-    f32 = write_gguf(tmp_path / "f32.gguf", info, state, None, "F32")
+    f32 = write_gguf(tmp_path / "f32.gguf", info, None, "F32")
     for ft in ("Q4_K_M", "Q5_K_M"):
         data = {}
         for im in (True, False):
-            ours = write_gguf(tmp_path / f"ours-{ft}-{im}.gguf", info, state, res, ft, imatrix=im)
+            ours = write_gguf(tmp_path / f"ours-{ft}-{im}.gguf", info, res, ft, imatrix=im)
             ref = quantize(f32, tmp_path / f"ref-{ft}-{im}.gguf", ft, gguf_imatrix(res.imatrix) if im else None, threads=2)
             a = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
             b = {t.name: t for t in gguf.GGUFReader(str(ref)).tensors}
@@ -251,7 +254,7 @@ def test_plan_merged_into_export(tmp_path):
     res = run_stage(info, recipes, "builtin", 4, 128, 0, cache_dir=tmp_path / "c").results[0]
     plan = target_plan(t, res)
     assert len(plan["protected"]) == 2
-    path = write_gguf(tmp_path / "m.gguf", info, load_torch_model(info).state_dict(), res, "Q4_K_M", plan=plan)
+    path = write_gguf(tmp_path / "m.gguf", info, res, "Q4_K_M", plan=plan)
     reader = gguf.GGUFReader(str(path))
     tensors = {x.name: x for x in reader.tensors}
     rules = tensor_types("Q4_K_M", info.n_layers, info.tied_embeddings)

@@ -12,8 +12,10 @@ from quantprism.errors import ArtifactError
 from quantprism.model import load_model_info, load_torch_model
 from quantprism.quantize.grids import Int8ChannelGrid, IntGrid, QuantizedTensor
 
-ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e .[onnx])")
-onnx = pytest.importorskip("onnx")
+from conftest import require  # noqa: E402
+
+ort = require("onnxruntime", "pip install -e .[onnx]")
+onnx = require("onnx", "pip install -e .[onnx]")
 from onnx_canonical import bundled_canonical, onnx_targets  # noqa: E402
 from onnx_oracle import a4_round, decode_nbits, dynamic_uint8_round, kernel_weights  # noqa: E402
 

@@ -7,11 +7,13 @@ import pytest
 from quantprism.exporters.kquants import pack
 from quantprism.quantize import kquants as kq
 
+from conftest import require
 from ggml_oracle import ggml_lib, ggml_quantize
 
+require("llama_cpp", "make install builds llama-cpp-python")
 LIB = ggml_lib()
 pytestmark = [pytest.mark.llamacpp,
-              pytest.mark.skipif(LIB is None, reason="llama-cpp-python (libggml-base) is not installed")]
+              pytest.mark.skipif(LIB is None, reason="llama-cpp-python has no libggml-base.so beside it (a non-shared build?)")]
 
 
 def weights(rows: int, k: int, seed: int) -> np.ndarray:

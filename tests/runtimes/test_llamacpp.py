@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 
 from quantprism.errors import ArtifactError
-from quantprism.model import load_model_info, load_torch_model
+from quantprism.model import load_model_info
 
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make install builds it)")
+from conftest import require  # noqa: E402
+
+llama_cpp = require("llama_cpp", "make install builds llama-cpp-python")
 pytestmark = pytest.mark.llamacpp
 
 
@@ -16,7 +18,7 @@ def f16(tmp_path_factory):
     from quantprism.exporters.gguf import write_gguf
 
     info = load_model_info(None)
-    return write_gguf(tmp_path_factory.mktemp("f16") / "f16.gguf", info, load_torch_model(info).state_dict(), None, "F16")
+    return write_gguf(tmp_path_factory.mktemp("f16") / "f16.gguf", info, None, "F16")
 
 
 def test_serving_mode_generates_what_teacher_forcing_predicts(f16):

@@ -11,7 +11,9 @@ import torch
 from quantprism.errors import ArtifactError
 from quantprism.model import BUILTIN_MODEL, load_tokenizer, load_torch_model
 
-ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e .[onnx])")
+from conftest import require  # noqa: E402
+
+ort = require("onnxruntime", "pip install -e .[onnx]")
 from onnx_canonical import bundled_canonical  # noqa: E402
 from onnx_oracle import ort_activation_hooks  # noqa: E402
 
@@ -31,11 +33,12 @@ def nbits8(tmp_path_factory):
 
 
 def _canonical_torch(info, target, res):
-    from quantprism.exporters.onnx import chosen_grids, load_canonical_weights, module_choice
+    from quantprism.exporters.onnx import chosen_grids, module_choice
+    from quantprism.exporters.state import canonical_weights, load_weights
 
     model = load_torch_model(info)
     grids = chosen_grids(res, module_choice(target, res))
-    load_canonical_weights(model, res, grids)
+    load_weights(model, canonical_weights(info, res, grids.get))
     return model, grids
 
 
@@ -86,17 +89,37 @@ def test_smoke_bundled_nbits8_agrees_with_the_canonical_model(nbits8, record_pro
     assert top1_emu >= 0.99 and d_emu < d_ref
 
 
-def test_session_options_and_latency(nbits8):
+def test_session_options_and_latency(nbits8, record_property):
+    """Two sessions of one artifact (2 threads, all graph optimizations / 1 thread, none) compute the same model.
+    ORT chooses its MatMulNBits int8 kernel by ISA (AVX2 vs AVX-512 VNNI) and by the optimized graph; with
+    accuracy_level 4 each kernel rounds the activations to int8 per block in its own way, so the logits differ by
+    up to half an activation step times the weights (measured: < 1e-3 on AVX2, 0.020 on a VNNI Xeon). What that
+    rounding bounds is the decision and the distribution: the same argmax wherever the top-2 margin exceeds
+    0.25 (12× the largest difference seen), and a mean KLD far below any quality gate."""
+    from quantprism.hardware import detect
     from quantprism.runtimes.latency import measure
     from quantprism.runtimes.onnxruntime import open_session
 
-    out = nbits8[3]
+    info, out = nbits8[0], nbits8[3]
     fast = open_session(out, threads=2)
     plain = open_session(out, threads=1, opt_level="disable", spinning=False)
     try:
-        ids = [0] + fast.tokenize(PROMPT)
+        ids = _heldout_ids(info, 256)
         a, b = fast.logits(ids), plain.logits(ids)
-        assert a.shape == b.shape and np.abs(a - b).max() < 1e-3
+        assert a.shape == b.shape
+        top2 = np.sort(a, axis=-1)[:, -2:]
+        decisive = (top2[:, 1] - top2[:, 0]) > 0.25
+        la = a - np.logaddexp.reduce(a, axis=-1, keepdims=True)
+        lb = b - np.logaddexp.reduce(b, axis=-1, keepdims=True)
+        kld = float((np.exp(la) * (la - lb)).sum(-1).mean())
+        m = detect()
+        print(f"{m.kind} ({m.cpu}): max |Δlogit| {np.abs(a - b).max():.3g}, KLD {kld:.2e}, "
+              f"{int(decisive.sum())}/{len(ids)} decisive positions")
+        record_property("machine", m.kind)
+        record_property("max_abs_logit_diff", float(np.abs(a - b).max()))
+        assert decisive.sum() > len(ids) // 4
+        assert (a.argmax(-1) == b.argmax(-1))[decisive].all()
+        assert kld < 1e-4
         assert fast.present[:2] == ["present.0.key", "present.0.value"] and fast.past[1] == "past_key_values.0.value"
         r = measure(plain, ids, decode_tokens=8, repeats=2)
         assert r["threads"] == 1 and r["decode_tokens"] == 8 and r["decode_tok_s_p50"] > 0

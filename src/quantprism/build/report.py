@@ -38,6 +38,13 @@ def _failures(doc: dict) -> list[str]:
     for r in doc["targets"]:
         if r.get("error"):
             out.append(f"{r['name']}: {r['error']}")
+        smoke = r.get("smoke") or {}
+        bad = [k for k, ok in (smoke.get("checks") or {}).items() if not ok]
+        if bad:
+            f = (smoke.get("details") or {}).get("fidelity") or {}
+            why = (f" (vs the canonical model: top-1 on decisive tokens {f['top1_decisive']:.4f}, KLD {f['kld_mean']:.3g})"
+                   if "fidelity" in bad and f else "")
+            out.append(f"{r['name']}: smoke failed: {', '.join(bad)}{why}")
         for g, v in (r.get("gates") or {}).items():
             if v["passed"] is False:
                 val = "not measured" if v["value"] is None else f"{v['value']:.6g}"
@@ -59,7 +66,7 @@ def render_md(doc: dict, baseline: dict | None = None) -> str:
     lines = [f"## quantprism build — {'all gates pass' if doc['passed'] else 'GATES FAILED'}", "",
              f"Model `{doc['model']['path']}` ({doc['model']['n_params']:,} params), calibration sha256 "
              f"`{doc['calibration']['sha256'][:12]}…`, {doc['environment']['cpu']} ({', '.join(doc['environment']['isa'][-4:])}), "
-             f"{doc['eval']['threads']} threads.", "",
+             f"{doc['eval']['threads']} threads, machine kind `{(doc['environment'].get('machine') or {}).get('kind', '?')}`.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in _rows(doc):
         cells = [r["name"], r["runtime"], r.get("kernel", "–"), _verdict(r)]
@@ -74,6 +81,10 @@ def render_md(doc: dict, baseline: dict | None = None) -> str:
             sl = _get(r, ("quality", "slices")) or {}
             lines.append(f"| {r['name']} | " + " | ".join(
                 f"{sl[k]['kld_mean']:.6f} / {sl[k]['top1_agreement']:.3f}" if k in sl else "–" for k in slices) + " |")
+    other = [f"{r['name']} ({r['hardware']})" for r in doc["targets"] if r.get("hardware_match") is False]
+    if other:
+        lines += ["", f"Built for other hardware than this machine: {', '.join(other)} — validated here with this "
+                      "machine's arithmetic, which is not the deployment's."]
     emulated = [r["name"] for r in doc["targets"] if r.get("kernel") not in (None, "native")]
     if emulated:
         lines += ["", f"Kernel `emulated-wna16` ({', '.join(emulated)}): vLLM's 4-bit op emulated on a CPU without the "

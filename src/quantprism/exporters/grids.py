@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import Target
+from ..hardware import int8_pairs_saturate
 
 
 @dataclass(frozen=True)
@@ -23,8 +24,9 @@ def _int(bits: int, gs: int, sym: bool, dtype: str, narrow: bool = False, reduce
 
 
 def int8_reduced(t: Target) -> bool:
-    """W8A8 on x86 CPUs without VNNI (hardware "cpu-avx2"): weights in ±63 so int16 pair sums cannot saturate."""
-    return t.hardware.startswith("cpu-avx2")
+    """W8A8 for a machine without VNNI (hardware "cpu-avx2", "cpu"): weights in ±63 so int16 pair sums cannot
+    saturate; VNNI labels ("cpu-avx512-vnni") and GPUs take the full ±127 grid (see quantprism.hardware)."""
+    return int8_pairs_saturate(t.hardware)
 
 
 def grid_needs(t: Target) -> GridNeeds:

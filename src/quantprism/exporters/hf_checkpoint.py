@@ -1,9 +1,8 @@
 """A Hugging Face model directory that vLLM 0.32 loads: config.json, tokenizer, generation config, safetensors.
 
 Shared by the GPTQ, AWQ and compressed-tensors exporters, which only supply the packed tensors and
-the ``quantization_config``. Unquantized tensors come from the canonical fp tensors (``res.fp``, the
-transformed weights: AWQ/SmoothQuant scales folded into norms) over the original state dict, cast
-to the checkpoint dtype. Output is deterministic (same inputs → byte-identical files: sorted keys,
+the ``quantization_config``. Unquantized tensors come from ``state.canonical_fp_state`` (the
+transformed weights: AWQ/SmoothQuant scales folded into norms), cast to the checkpoint dtype. Output is deterministic (same inputs → byte-identical files: sorted keys,
 fixed metadata) and the directory appears atomically (built beside the destination, then renamed).
 
 Checkpoint dtype: bfloat16 by default. Quantized layers keep their scales in fp16 on disk (exact),
@@ -36,19 +35,6 @@ TOKENIZER_FILES = (
     "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
 )
 FP16_MAX = 65504.0
-
-
-def source_state(info: ModelInfo, canonical: Any) -> dict[str, torch.Tensor]:
-    """The original tensors with the canonical (transformed) fp tensors on top, as stored (not cast)."""
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    for f in sorted({t.file for t in info.tensors.values()}):
-        state.update(load_file(str(info.path / f)))
-    for name, t in canonical.fp.items():
-        if name in state:
-            state[name] = t
-    return state
 
 
 def cast_fp(name: str, t: torch.Tensor, dtype: str) -> torch.Tensor:

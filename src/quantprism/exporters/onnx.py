@@ -33,6 +33,7 @@ from ..model import ModelInfo, load_torch_model
 from .grids import grid_needs
 from .hf_checkpoint import TOKENIZER_FILES, atomic_dir
 from .onnx_kernels import MS_DOMAIN, W8A8, kernel_for, linear_nodes
+from .state import canonical_weights, load_weights
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -150,18 +151,6 @@ def chosen_grids(canonical, choose: Callable[[str], str | None]) -> dict[str, st
         kernel_for(gid)  # refuses grids ORT cannot run, before the slow export
         out[mod] = gid
     return out
-
-
-def load_canonical_weights(model: torch.nn.Module, canonical, grids: dict[str, str]) -> None:
-    """Transformed fp tensors, then each quantized module's dequantized weight, into ``model`` (in place)."""
-    sd = model.state_dict()
-    over: dict[str, torch.Tensor] = dict(canonical.fp) if canonical is not None else {}
-    for mod, gid in grids.items():
-        over[f"{mod}.weight"] = torch.from_numpy(np.ascontiguousarray(canonical.quant[mod][gid].dequantize()))
-    for k, v in over.items():
-        if k in sd:
-            sd[k] = v.to(sd[k].dtype).reshape(sd[k].shape)
-    model.load_state_dict(sd, strict=True)
 
 
 def _scope(node: onnx.NodeProto) -> str | None:
@@ -288,7 +277,7 @@ def export_onnx(target: Target | None, info: ModelInfo, canonical, out_dir: Path
     choose = module_choice(target, canonical, plan) if target is not None else (lambda _m: None)
     grids = chosen_grids(canonical, choose)
     model = load_torch_model(info)
-    load_canonical_weights(model, canonical, grids)
+    load_weights(model, canonical_weights(info, canonical, grids.get))
     with torch.inference_mode(False), torch.no_grad():
         proto = export_fp_graph(model)
     del model

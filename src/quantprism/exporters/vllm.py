@@ -20,7 +20,8 @@ from ..config import Target, check_target_against_model
 from ..errors import ArtifactError, ConfigError
 from ..model import ModelInfo
 from . import awq, compressed_tensors, gptq
-from .hf_checkpoint import DEFAULT_SHARD_BYTES, cast_fp, source_state, write_hf_checkpoint
+from .hf_checkpoint import DEFAULT_SHARD_BYTES, cast_fp, write_hf_checkpoint
+from .state import canonical_fp_state
 from .vllm_plan import ModulePlan, module_plan
 
 FORMATS: dict[str, ModuleType] = {"gptq": gptq, "awq": awq, "compressed-tensors": compressed_tensors}
@@ -29,7 +30,7 @@ EXPORT_RECORD = "quantprism_export.json"
 
 def checkpoint_tensors(fmt: ModuleType, info: ModelInfo, canonical, mp: ModulePlan, dtype: str) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
-    for name, t in source_state(info, canonical).items():
+    for name, t in canonical_fp_state(info, canonical).items():
         mod, _, leaf = name.rpartition(".")
         if leaf == "weight" and mp.grids.get(mod) is not None:
             continue  # replaced by the packed tensors below

@@ -52,6 +52,16 @@ def render_inspect(console: Any, path: str | None, targets_file: Path | None, ca
         summary.add_row(k, v)
     console.print(summary)
 
+    from ..hardware import detect
+
+    m = detect()
+    mt = Table(show_header=False, title="this machine")
+    for k, v in [("cpu", m.cpu), ("kind", m.kind), ("cores", str(m.cores)), ("isa", " ".join(m.isa)),
+                 ("int8 GEMM", "AVX2 u8s8: int16 pair sums saturate (W8A8 weights in ±63 for cpu-avx2 targets)"
+                  if m.int8_pairs_saturate else "VNNI: exact int32 accumulation (full-range W8A8 grids validate here)")]:
+        mt.add_row(k, v)
+    console.print(mt)
+
     shapes = Table(title="tensors")
     for col in ("name", "shape", "dtype", "count"):
         shapes.add_column(col)
@@ -64,11 +74,12 @@ def render_inspect(console: Any, path: str | None, targets_file: Path | None, ca
 
         tf = parse_targets(targets_file)
         tt = Table(title=f"targets in {targets_file}")
-        for col in ("target", "format", "scheme", "applies", "why not"):
+        for col in ("target", "format", "scheme", "hardware", "applies", "why not", f"validates on this {m.kind}"):
             tt.add_column(col)
         for t in tf.targets.values():
             why = check_target_against_model(t, info.linear_shapes)
-            tt.add_row(t.name, t.format, t.scheme, "yes" if why is None else "no", why or "")
+            tt.add_row(t.name, t.format, t.scheme, t.hardware, "yes" if why is None else "no", why or "",
+                       "yes" if m.matches(t.hardware) else "no (other arithmetic)")
         console.print(tt)
 
     if calibration is not None:

@@ -1,4 +1,4 @@
-"""Runtime adapters. Every session has the same protocol: tokenize, logits (teacher-forced), generate,
+"""Runtime adapters. Every session has the same protocol: tokenize, detokenize, logits (teacher-forced), generate,
 timed_generate, close, and the attributes runtime / kernel / threads."""
 from __future__ import annotations
 

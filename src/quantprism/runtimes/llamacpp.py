@@ -64,6 +64,9 @@ class LlamaCppSession:
     def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
+    def detokenize(self, ids: list[int]) -> str:
+        return self.llm.detokenize([int(i) for i in ids]).decode("utf-8", errors="replace")
+
     def logits(self, ids: list[int] | np.ndarray) -> np.ndarray:
         if not self.logits_all:
             raise ValueError("teacher-forced logits need a session opened with logits_all=True")

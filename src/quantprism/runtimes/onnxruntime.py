@@ -146,6 +146,9 @@ class OnnxRuntimeSession:
         out = self.sess.run(["logits", *self.present], feed)
         return out[0][0], out[1:]
 
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids])
+
     def logits(self, ids: list[int] | np.ndarray) -> np.ndarray:
         return np.asarray(self._step([int(i) for i in ids], self._empty_past())[0], np.float32)
 

@@ -27,6 +27,9 @@ class TorchSession:
     def tokenize(self, text: str) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=False))
 
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tok.decode([int(i) for i in ids])
+
     def logits(self, ids) -> np.ndarray:
         import torch
 

@@ -176,6 +176,9 @@ class VllmSession:
 
         return SamplingParams(temperature=0.0, seed=0, **kw)
 
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids])
+
     def generate(self, ids: list[int], max_tokens: int) -> list[int]:
         out = self.llm.generate([{"prompt_token_ids": [int(i) for i in ids]}], self._params(max_tokens=max_tokens),
                                 use_tqdm=False)

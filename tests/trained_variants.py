@@ -1,0 +1,105 @@
+"""The bundled TRAINED Llama re-expressed as other families (same shapes, same weights), for tests.
+
+Random-weight models attend almost uniformly, so a wrong RoPE pairing or q/k row permutation barely
+moves their logits; the bundled model (src/quantprism/assets/reference-llama, trained for 1,000 steps)
+has real attention patterns, so re-expressing it as a Mistral or a Qwen2 checkpoint gives a model of
+each family whose logits depend sharply on getting RoPE right.
+
+- ``mistral``: MistralForCausalLM with every tensor as is (no sliding window); the forward is the
+  Llama forward, so its logits equal the bundled model's.
+- ``qwen2``: Qwen2ForCausalLM, which always carries q/k/v biases: zero by default (then the logits equal
+  the bundled model's too), or seeded N(0, ``qkv_bias``²) biases to check that biases go through.
+- ``llama``: the bundled model itself, copied (so callers can treat the three alike); with ``qkv_bias``
+  a Llama with ``attention_bias=True`` (seeded biases on q/k/v and o).
+
+Untied by default: the bundled model's trained lm_head differs from its embedding, and tying would
+throw it away; ``tied=True`` drops lm_head and ties the output to the embedding (a valid checkpoint
+of the same shapes, with untrained-looking outputs but the same trained attention).
+
+Tokenizer: each directory holds the bundled tokenizer files unchanged, but transformers' AutoTokenizer
+forces its own Qwen2Tokenizer (Qwen's pre-tokenizer regex) on any model_type "qwen2" directory, which
+splits text differently from tokenizer.json (89,457 vs 85,243 ids on eval_heldout.txt). Tokenize with
+``bundled_tokenizer()`` (what tokenizer.json and the GGUF's gpt-2 pre-tokenizer do) and feed the same ids
+to every runtime.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from quantprism.model import BUILTIN_MODEL
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def bundled_tokenizer():
+    """The bundled model's own HF tokenizer (tokenizer.json as written), whatever family a copy claims."""
+    from quantprism.model import load_model_info, load_tokenizer
+
+    return load_tokenizer(load_model_info(BUILTIN_MODEL))
+
+
+def bundled_state() -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(BUILTIN_MODEL / "model.safetensors"))
+
+
+BIASED = {"llama": ("q_proj", "k_proj", "v_proj", "o_proj"), "qwen2": ("q_proj", "k_proj", "v_proj")}
+
+
+def _config(arch: str, tied: bool, bias: bool):
+    import transformers
+
+    base = json.loads((BUILTIN_MODEL / "config.json").read_text())
+    for k in ("architectures", "model_type", "transformers_version", "dtype", "torch_dtype"):
+        base.pop(k, None)
+    base["tie_word_embeddings"] = tied
+    if arch == "llama":
+        return transformers.LlamaConfig(**{**base, "attention_bias": bias}), transformers.LlamaForCausalLM
+    for k in ("attention_bias", "mlp_bias", "pretraining_tp"):  # Llama-only options
+        base.pop(k, None)
+    if arch == "mistral":
+        return transformers.MistralConfig(**base, sliding_window=None), transformers.MistralForCausalLM
+    if arch == "qwen2":
+        return transformers.Qwen2Config(**base, use_sliding_window=False, sliding_window=None), transformers.Qwen2ForCausalLM
+    raise ValueError(f"unknown family {arch!r}; one of {sorted(ARCHS)}")
+
+
+def save_trained_as(arch: str, out: Path, qkv_bias: float = 0.0, tied: bool = False, seed: int = 0) -> Path:
+    """Save the bundled trained weights as an HF ``arch`` directory (safetensors, bfloat16, bundled tokenizer).
+
+    ``qkv_bias``: standard deviation of seeded random attention biases (qwen2: q/k/v, always present, 0 = zero
+    biases; llama: q/k/v/o with attention_bias=True when nonzero; mistral has none).
+    """
+    import torch
+
+    if qkv_bias and arch == "mistral":
+        raise ValueError("mistral has no attention biases")
+    cfg, cls = _config(arch, tied, bool(qkv_bias))
+    state = bundled_state()
+    if tied:
+        state.pop("lm_head.weight")
+    if arch == "qwen2" or (arch == "llama" and qkv_bias):
+        g = torch.Generator().manual_seed(seed)
+        for i in range(cfg.num_hidden_layers):
+            for proj in BIASED[arch]:
+                rows = state[f"model.layers.{i}.self_attn.{proj}.weight"].shape[0]
+                b = torch.randn(rows, generator=g) * qkv_bias if qkv_bias else torch.zeros(rows)
+                state[f"model.layers.{i}.self_attn.{proj}.bias"] = b.to(torch.bfloat16)
+    model = cls(cfg).to(torch.bfloat16).eval()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # a tied lm_head is filled from the embedding; nothing else may be missing or left over
+    assert not unexpected and set(missing) <= ({"lm_head.weight"} if tied else set()), (missing, unexpected)
+    if tied:
+        model.tie_weights()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    for f in TOKENIZER_FILES:
+        shutil.copy(BUILTIN_MODEL / f, out / f)
+    cfg_json = json.loads((out / "config.json").read_text())
+    assert cfg_json["architectures"] == [ARCHS[arch]], cfg_json["architectures"]
+    return out
