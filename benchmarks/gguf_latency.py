@@ -50,10 +50,10 @@ def bundled_artifacts(work: Path) -> dict[str, Path]:
 
 def synthetic_artifacts(work: Path, threads: int) -> dict[str, Path]:
     import torch
+    from llamacpp_quantize import quantize
 
     from quantprism.exporters.gguf import write_gguf
     from quantprism.model import BUILTIN_MODEL, load_model_info
-    from quantprism.runtimes.llamacpp import quantize
 
     from synthetic import build_model
 

@@ -34,6 +34,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
+    from llamacpp_quantize import gguf_imatrix, quantize
 
     from quantprism.calibration import eval_text_path
     from quantprism.config import Target
@@ -42,7 +43,7 @@ def main() -> None:
     from quantprism.model import load_model_info, load_tokenizer, load_torch_model
     from quantprism.pipeline import plan_recipes, run_stage
     from quantprism.quantize.stats import fp_imatrix
-    from quantprism.runtimes.llamacpp import gguf_imatrix, open_session, quantize
+    from quantprism.runtimes.llamacpp import open_session
 
     torch.set_num_threads(args.threads)
     secs: dict[str, float] = {}

@@ -32,19 +32,6 @@ from typing import Any
 
 from .errors import ConfigError
 
-FORMAT_RUNTIMES: dict[str, tuple[str, ...]] = {
-    "gguf": ("llamacpp",),
-    "gptq": ("vllm",),
-    "awq": ("vllm",),
-    "compressed-tensors": ("vllm",),
-    "onnx": ("onnxruntime",),
-}
-GGUF_QUANTS = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16")
-# K-quant super-block (256) or Q8_0 block (32): in_features must be a multiple of it.
-GGUF_BLOCK = {"Q4_K_M": 256, "Q5_K_M": 256, "Q6_K": 256, "Q8_0": 32, "F16": 1}
-CT_SCHEMES = ("W4A16", "W8A16", "W8A8")
-GPTQ_GROUP_SIZES = (-1, 32, 64, 128)
-ONNX_SCHEMES = ("nbits8", "w8a8", "nbits4")
 METHODS = ("rtn", "gptq", "awq", "awq+gptq", "smoothquant+rtn", "smoothquant+gptq")
 GATES = {
     "max_kld": float,
@@ -190,12 +177,14 @@ def _parse_target(path: Path, name: str, raw: Any) -> Target:
         if gkey not in GATES:
             raise ConfigError(f"{path}: [target.{name}.gates] unknown key '{gkey}'{_closest(gkey, list(GATES))}")
         gates[gkey] = _check_type(f"{path}: [target.{name}.gates]", gkey, gval, GATES[gkey])
+    from .exporters import FORMATS
+
     fmt, runtime = vals["format"], vals["runtime"]
-    if fmt not in FORMAT_RUNTIMES:
-        raise ConfigError(f"{where} key 'format': unknown format '{fmt}'{_closest(fmt, list(FORMAT_RUNTIMES))}")
-    if runtime not in FORMAT_RUNTIMES[fmt]:
+    if fmt not in FORMATS:
+        raise ConfigError(f"{where} key 'format': unknown format '{fmt}'{_closest(fmt, list(FORMATS))}")
+    if runtime not in FORMATS[fmt].runtimes:
         raise ConfigError(
-            f"{where} key 'runtime': {runtime!r} cannot load format {fmt!r}; use {' or '.join(FORMAT_RUNTIMES[fmt])}"
+            f"{where} key 'runtime': {runtime!r} cannot load format {fmt!r}; use {' or '.join(FORMATS[fmt].runtimes)}"
         )
     method = vals.get("method", "gptq")
     if method not in METHODS:
@@ -205,10 +194,10 @@ def _parse_target(path: Path, name: str, raw: Any) -> Target:
 
 
 def _check_combination(where: str, fmt: str, method: str, vals: dict[str, Any]) -> None:
-    quant = vals.get("quant")
+    from .exporters import FORMATS
+
     bits = vals.get("bits", 4)
     gs = vals.get("group_size", 128)
-    sym = vals.get("symmetric", True)
     if not 2 <= bits <= 8:
         raise ConfigError(f"{where} key 'bits': {bits} is out of range; use 2–8")
     if gs != -1 and (gs < 16 or gs & (gs - 1)):
@@ -221,88 +210,24 @@ def _check_combination(where: str, fmt: str, method: str, vals: dict[str, Any]) 
         raise ConfigError(f"{where} key 'max_bpw': must be > 0")
     if vals.get("protect", 0) < 0:
         raise ConfigError(f"{where} key 'protect': must be ≥ 0")
-    # ONNX MatMulNBits runs with accuracy_level 4: activations are rounded to int8 per block inside the kernel
-    act_quant = (fmt == "compressed-tensors" and quant == "W8A8") or fmt == "onnx"
-    if method.startswith("smoothquant") and not act_quant:
+    fmt_obj = FORMATS[fmt]  # the format owns its own rules
+    if method.startswith("smoothquant") and not fmt_obj.acts_quantized(vals | {"method": method}):
         raise ConfigError(
             f"{where} key 'method': SmoothQuant only helps when activations are quantized; "
             "use it with compressed-tensors quant=\"W8A8\" or an onnx target (its kernels quantize activations)"
         )
-    if fmt == "gguf":
-        if quant not in GGUF_QUANTS:
-            raise ConfigError(f"{where} key 'quant': GGUF needs one of {', '.join(GGUF_QUANTS)}, got {quant!r}")
-        if method.startswith("awq") and quant in ("Q8_0", "F16"):
-            raise ConfigError(f"{where} key 'method': AWQ scaling has no effect at {quant}; use rtn or gptq")
-    elif fmt == "gptq":
-        if quant is not None:
-            raise ConfigError(f"{where} key 'quant': GPTQ is set by bits/group_size, remove 'quant'")
-        if bits not in (4, 8):
-            raise ConfigError(f"{where} key 'bits': vLLM loads GPTQ with 4 or 8 bits only, got {bits}")
-        if not sym:
-            raise ConfigError(f"{where} key 'symmetric': vLLM 0.32 cannot load asymmetric GPTQ; set symmetric = true or use format \"awq\"")
-        # vLLM's GPTQ layer checks Marlin support on every device; bits = 8 loads on GPUs only (CPU: 4-bit)
-        if gs not in GPTQ_GROUP_SIZES:
-            raise ConfigError(f"{where} key 'group_size': vLLM 0.32 loads GPTQ with group_size -1, 32, 64 or 128, got {gs}")
-    elif fmt == "awq":
-        if quant is not None:
-            raise ConfigError(f"{where} key 'quant': AWQ is set by bits/group_size, remove 'quant'")
-        if bits != 4:
-            raise ConfigError(f"{where} key 'bits': AWQ checkpoints are 4-bit, got {bits}")
-        if sym:
-            raise ConfigError(f"{where} key 'symmetric': the AWQ format stores zero points; set symmetric = false")
-        if gs == -1:
-            raise ConfigError(f"{where} key 'group_size': AWQ needs a group size (32/64/128)")
-    elif fmt == "compressed-tensors":
-        if quant not in CT_SCHEMES:
-            raise ConfigError(f"{where} key 'quant': compressed-tensors needs one of {', '.join(CT_SCHEMES)}, got {quant!r}")
-        want_bits = 4 if quant == "W4A16" else 8
-        if vals.get("bits", want_bits) != want_bits:
-            raise ConfigError(f"{where} key 'bits': {quant} means {want_bits}-bit weights, got {bits}")
-        if quant == "W8A8" and vals.get("group_size", -1) != -1:
-            raise ConfigError(f"{where} key 'group_size': W8A8 weights are per channel; set group_size = -1")
-        if quant in ("W8A8", "W8A16") and not sym:  # W8A16 (GPU only in vLLM 0.32) is exported symmetric
-            raise ConfigError(f"{where} key 'symmetric': {quant} int8 weights are symmetric; set symmetric = true")
-    elif fmt == "onnx":
-        if quant not in ONNX_SCHEMES:
-            raise ConfigError(f"{where} key 'quant': ONNX needs one of {', '.join(ONNX_SCHEMES)}, got {quant!r}")
-        if quant == "w8a8" and vals.get("group_size", -1) != -1:
-            raise ConfigError(f"{where} key 'group_size': w8a8 (MatMulInteger) weights are per channel; set group_size = -1")
-        if quant in ("nbits8", "nbits4") and gs == -1:
-            raise ConfigError(f"{where} key 'group_size': MatMulNBits needs a block size (32/64/128)")
-    if method.startswith("awq") and fmt in ("gguf", "onnx") and quant in ("w8a8",):
-        raise ConfigError(f"{where} key 'method': AWQ targets weight-only grids")
+    fmt_obj.check(where, vals | {"method": method})
 
 
 def effective_bits_group(t: Target) -> tuple[int, int]:
     """Weight bits and group size of a target's main grid (group -1 = per channel)."""
-    if t.format == "gguf":
-        return {"Q4_K_M": (4, 32), "Q5_K_M": (5, 32), "Q6_K": (6, 16), "Q8_0": (8, 32), "F16": (16, -1)}[t.quant or ""]
-    if t.format == "compressed-tensors" and t.quant in ("W8A8", "W8A16"):
-        return 8, -1 if t.quant == "W8A8" else t.group_size
-    if t.format == "onnx":
-        if t.quant == "w8a8":
-            return 8, -1
-        return (8 if t.quant == "nbits8" else 4), t.group_size
-    return t.bits, t.group_size
+    from .exporters import FORMATS
+
+    return FORMATS[t.format].bits_group(t)
 
 
 def check_target_against_model(t: Target, linear_shapes: dict[str, tuple[int, int]]) -> str | None:
     """Why ``t`` cannot be built for a model with these linear weights (out, in), or None if it can."""
-    if t.format == "gguf":
-        block = GGUF_BLOCK[t.quant or "F16"]
-        for name, (_, k) in linear_shapes.items():
-            if k % block:
-                return (
-                    f"{t.quant} needs in_features divisible by {block}, but {name} has {k}; "
-                    "choose Q8_0 or another model"
-                )
-        return None
-    bits, gs = effective_bits_group(t)
-    for name, (n, k) in linear_shapes.items():
-        if name.endswith("lm_head") or name.endswith("embed_tokens"):
-            continue  # kept in high precision by every vLLM/ONNX exporter
-        if gs != -1 and k % gs:
-            return f"group_size {gs} does not divide in_features {k} of {name}; use a divisor of {k}"
-        if t.runtime == "vllm" and (n % 32 or k % 32):
-            return f"{name} is {n}x{k}; vLLM's quantized kernels need both sizes to be multiples of 32"
-    return None
+    from .exporters import FORMATS
+
+    return FORMATS[t.format].shape_problem(t, linear_shapes)

@@ -203,9 +203,9 @@ def test_rtn_export_is_byte_identical_to_llama_cpp_quantizer(tmp_path):
     tensor for tensor, types included: the encoders, the Q4_K_M/Q5_K_M mixture rules, the q/k permutation and
     the imatrix hand-over all agree with llama.cpp."""
     import gguf
+    from llamacpp_quantize import gguf_imatrix, quantize
 
     from quantprism.config import Target
-    from quantprism.runtimes.llamacpp import gguf_imatrix, quantize
 
     info = load_model_info(None)
     targets = [Target(name=f"t{i}{ft}", format="gguf", runtime="llamacpp", quant=ft, method="rtn", imatrix=im)

@@ -60,8 +60,7 @@ def test_llama_cpp_quantizer_with_and_without_imatrix(f16, tmp_path):
     """llama_model_quantize via ctypes: Q4_K_M from our F16; the imatrix changes the imatrix-weighted tensors
     only (token_embd never takes one), a wrong-length imatrix is refused, a non-GGUF source is one error."""
     import gguf
-
-    from quantprism.runtimes.llamacpp import gguf_imatrix, quantize
+    from llamacpp_quantize import gguf_imatrix, quantize
 
     info = load_model_info(None)
     plain = quantize(f16, tmp_path / "plain.gguf", "Q4_K_M", None, threads=2)

@@ -13,7 +13,10 @@ import numpy as np
 from ..config import Target
 from ..errors import ArtifactError
 from ..quantize.grids import QuantizedTensor
+from .base import ExportSpec
+from .grids import GridNeeds, int_grid
 from .intpack import int_codes, pack_int32
+from .vllm import VLLMFormat
 from .vllm_plan import ModulePlan
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -35,9 +38,39 @@ def pack_module(qt: QuantizedTensor, name: str = "") -> dict[str, np.ndarray]:
     }
 
 
-def quantization_config(target: Target, mp: ModulePlan) -> dict:
+def quantization_config(target: ExportSpec, mp: ModulePlan) -> dict:
     return {
         "quant_method": "awq", "version": "gemm", "zero_point": True, "lm_head": False,
         "bits": 4, "w_bit": 4, "group_size": target.group_size, "q_group_size": target.group_size,
         "modules_to_not_convert": list(mp.fp_modules),  # explicit, so vLLM never derives it from dtypes
     }
+
+
+class AWQFormat(VLLMFormat):
+    name = "awq"
+    label = "AWQ checkpoint"
+    quant_method = "awq"
+
+    def check(self, where: str, vals: dict) -> None:
+        from ..errors import ConfigError
+
+        if vals.get("quant") is not None:
+            raise ConfigError(f"{where} key 'quant': AWQ is set by bits/group_size, remove 'quant'")
+        if vals.get("bits", 4) != 4:
+            raise ConfigError(f"{where} key 'bits': AWQ checkpoints are 4-bit, got {vals.get('bits')}")
+        if vals.get("symmetric", True):
+            raise ConfigError(f"{where} key 'symmetric': the AWQ format stores zero points; set symmetric = false")
+        if vals.get("group_size", 128) == -1:
+            raise ConfigError(f"{where} key 'group_size': AWQ needs a group size (32/64/128)")
+
+    def grid_needs(self, t: Target) -> GridNeeds:
+        return GridNeeds((int_grid(4, t.group_size, False, "fp16"),))
+
+    def pack_module(self, qt: QuantizedTensor, name: str = "") -> dict[str, np.ndarray]:
+        return pack_module(qt, name)
+
+    def quantization_config(self, spec: ExportSpec, mp: ModulePlan) -> dict:
+        return quantization_config(spec, mp)
+
+
+FORMAT = AWQFormat()

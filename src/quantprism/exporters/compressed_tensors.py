@@ -22,7 +22,10 @@ import numpy as np
 from ..config import Target
 from ..errors import ArtifactError
 from ..quantize.grids import QuantizedTensor, grid_from_id
+from .base import ExportSpec
+from .grids import GridNeeds, int8_reduced, int_grid
 from .intpack import int_codes, pack_int32
+from .vllm import VLLMFormat
 from .vllm_plan import FUSED, ModulePlan, vllm_prefix
 
 PACKED = "pack-quantized"
@@ -88,7 +91,7 @@ def layer_regex(module: str) -> str:
     return "re:^" + re.escape(scope + ".") + "(" + "|".join(names) + ")$"
 
 
-def quantization_config(target: Target, mp: ModulePlan) -> dict:
+def quantization_config(target: ExportSpec, mp: ModulePlan) -> dict:
     w8a8 = target.quant == "W8A8"
     groups = {"group_0": _group(["Linear"], mp.main, w8a8)}
     high = mp.high_modules
@@ -100,3 +103,50 @@ def quantization_config(target: Target, mp: ModulePlan) -> dict:
         "ignore": ["lm_head", *mp.fp_modules], "kv_cache_scheme": None, "quantization_status": "compressed",
         "global_compression_ratio": None,
     }
+
+
+CT_SCHEMES = ("W4A16", "W8A16", "W8A8")
+
+
+class CompressedTensorsFormat(VLLMFormat):
+    name = "compressed-tensors"
+    label = "compressed-tensors checkpoint"
+    quant_method = "compressed-tensors"
+
+    def acts_quantized(self, vals: dict) -> bool:
+        return vals.get("quant") == "W8A8"
+
+    def check(self, where: str, vals: dict) -> None:
+        from ..errors import ConfigError
+
+        quant, bits = vals.get("quant"), vals.get("bits", 4)
+        if quant not in CT_SCHEMES:
+            raise ConfigError(f"{where} key 'quant': compressed-tensors needs one of {', '.join(CT_SCHEMES)}, got {quant!r}")
+        want_bits = 4 if quant == "W4A16" else 8
+        if vals.get("bits", want_bits) != want_bits:
+            raise ConfigError(f"{where} key 'bits': {quant} means {want_bits}-bit weights, got {bits}")
+        if quant == "W8A8" and vals.get("group_size", -1) != -1:
+            raise ConfigError(f"{where} key 'group_size': W8A8 weights are per channel; set group_size = -1")
+        if quant in ("W8A8", "W8A16") and not vals.get("symmetric", True):  # W8A16 (GPU only in vLLM 0.32) is symmetric
+            raise ConfigError(f"{where} key 'symmetric': {quant} int8 weights are symmetric; set symmetric = true")
+
+    def bits_group(self, t: Target) -> tuple[int, int]:
+        if t.quant in ("W8A8", "W8A16"):
+            return 8, -1 if t.quant == "W8A8" else t.group_size
+        return t.bits, t.group_size
+
+    def grid_needs(self, t: Target) -> GridNeeds:
+        if t.quant == "W8A8":
+            return GridNeeds((int_grid(8, -1, True, "fp16", narrow=True, reduced=int8_reduced(t)),))
+        if t.quant == "W8A16":
+            return GridNeeds((int_grid(8, t.group_size, True, "fp16"),))
+        return GridNeeds((int_grid(4, t.group_size, t.symmetric, "fp16"),))
+
+    def pack_module(self, qt: QuantizedTensor, name: str = "") -> dict[str, np.ndarray]:
+        return pack_module(qt, name)
+
+    def quantization_config(self, spec: ExportSpec, mp: ModulePlan) -> dict:
+        return quantization_config(spec, mp)
+
+
+FORMAT = CompressedTensorsFormat()

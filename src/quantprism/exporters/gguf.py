@@ -13,8 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ArtifactError
+from ..config import Target
+from ..errors import ArtifactError, ConfigError
 from ..model import ModelInfo
+from ..quantize.ggml_types import GGML_TYPES
+from .base import ExportSpec, Format
+from .grids import GridNeeds
 from .kquants import pack
 from .state import canonical_fp_state
 
@@ -68,7 +72,7 @@ def tensor_types(file_type: str, n_layers: int, tied: bool, plan: dict | None = 
     return out
 
 
-TYPE_BITS = {"Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625, "Q8_0": 8.5, "F16": 16.0, "F32": 32.0}
+TYPE_BITS = {name: t.bits for name, t in GGML_TYPES.items()}
 
 
 def grid_for(ggml_type: str, module: str, imatrix: bool, tied: bool) -> str | None:
@@ -227,3 +231,57 @@ def write_gguf(out: Path, info: ModelInfo, canonical, file_type: str, imatrix: b
         w.write_tensors_to_file()
         w.close()
     return out
+
+
+GGUF_QUANTS = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16")
+# K-quant super-block (256) or Q8_0 block (32): in_features must be a multiple of it.
+GGUF_BLOCK = {ft: GGML_TYPES[base].block for ft, base in
+              {"Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K", "Q8_0": "Q8_0", "F16": "F16"}.items()}
+MAIN_TYPE = {"Q4_K_M": ("q4_k", "q6_k"), "Q5_K_M": ("q5_k", "q6_k"), "Q6_K": ("q6_k",), "Q8_0": ("q8_0",)}
+
+
+class GGUFFormat(Format):
+    name = "gguf"
+    runtimes = ("llamacpp",)
+    label = "GGUF"
+    packages = ("gguf", "llama_cpp_python")
+
+    def check(self, where: str, vals: dict) -> None:
+        quant, method = vals.get("quant"), vals.get("method", "gptq")
+        if quant not in GGUF_QUANTS:
+            raise ConfigError(f"{where} key 'quant': GGUF needs one of {', '.join(GGUF_QUANTS)}, got {quant!r}")
+        if method.startswith("awq") and quant in ("Q8_0", "F16"):
+            raise ConfigError(f"{where} key 'method': AWQ scaling has no effect at {quant}; use rtn or gptq")
+
+    def bits_group(self, t: Target) -> tuple[int, int]:
+        return {"Q4_K_M": (4, 32), "Q5_K_M": (5, 32), "Q6_K": (6, 16), "Q8_0": (8, 32), "F16": (16, -1)}[t.quant or ""]
+
+    def shape_problem(self, t: Target, linear_shapes: dict[str, tuple[int, int]]) -> str | None:
+        block = GGUF_BLOCK[t.quant or "F16"]
+        for name, (_, k) in linear_shapes.items():
+            if k % block:
+                return f"{t.quant} needs in_features divisible by {block}, but {name} has {k}; choose Q8_0 or another model"
+        return None
+
+    def grid_needs(self, t: Target) -> GridNeeds:
+        if t.quant not in MAIN_TYPE:
+            return GridNeeds(())  # F16: nothing to quantize
+        im = "_imat" if t.imatrix else ""
+        types = MAIN_TYPE[t.quant]
+        grids = tuple(x if x == "q8_0" else x + im for x in types)
+        return GridNeeds(grids, (grids[-1],), (types[0],))  # token_embd: never imatrix-weighted
+
+    def module_grids(self, t: Target, info: ModelInfo, canonical, plan: dict | None) -> dict[str, str | None]:
+        choose = reference_choice(t.quant or "F16", int(info.config["num_hidden_layers"]), info.tied_embeddings,
+                                  t.imatrix, plan)
+        return {m: choose(m) for m in (canonical.quant if canonical is not None else {})}
+
+    def export(self, spec: ExportSpec, info: ModelInfo, canonical, dest: Path) -> Path:
+        return write_gguf(Path(dest) / "model.gguf", info, canonical, spec.quant or "F16", imatrix=spec.imatrix,
+                          provenance=spec.provenance, plan=spec.plan)
+
+    def recognize(self, path: Path) -> bool:
+        return Path(path).suffix == ".gguf"
+
+
+FORMAT = GGUFFormat()

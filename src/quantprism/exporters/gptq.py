@@ -18,7 +18,10 @@ import numpy as np
 from ..config import Target
 from ..errors import ArtifactError
 from ..quantize.grids import QuantizedTensor, grid_from_id
+from .base import ExportSpec
+from .grids import GridNeeds, int_grid
 from .intpack import int_codes, pack_int32
+from .vllm import VLLMFormat
 from .vllm_plan import ModulePlan
 
 
@@ -51,7 +54,7 @@ def _rule(prefix: str) -> str:
     return re.escape(prefix) + "$"  # re.match anchors the start only: layers.1 must not catch layers.10
 
 
-def quantization_config(target: Target, mp: ModulePlan) -> dict:
+def quantization_config(target: ExportSpec, mp: ModulePlan) -> dict:
     cfg: dict = {
         "quant_method": "gptq", "bits": target.bits, "group_size": target.group_size, "desc_act": False,
         "sym": True, "lm_head": False, "checkpoint_format": "gptq",  # v1 qzeros (stored zero − 1)
@@ -65,3 +68,38 @@ def quantization_config(target: Target, mp: ModulePlan) -> dict:
     if dynamic:
         cfg["dynamic"] = dynamic
     return cfg
+
+
+GPTQ_GROUP_SIZES = (-1, 32, 64, 128)
+
+
+class GPTQFormat(VLLMFormat):
+    name = "gptq"
+    label = "GPTQ checkpoint"
+    quant_method = "gptq"
+
+    def check(self, where: str, vals: dict) -> None:
+        from ..errors import ConfigError
+
+        if vals.get("quant") is not None:
+            raise ConfigError(f"{where} key 'quant': GPTQ is set by bits/group_size, remove 'quant'")
+        bits, gs = vals.get("bits", 4), vals.get("group_size", 128)
+        if bits not in (4, 8):
+            raise ConfigError(f"{where} key 'bits': vLLM loads GPTQ with 4 or 8 bits only, got {bits}")
+        if not vals.get("symmetric", True):
+            raise ConfigError(f"{where} key 'symmetric': vLLM 0.32 cannot load asymmetric GPTQ; set symmetric = true or use format \"awq\"")
+        # vLLM's GPTQ layer checks Marlin support on every device; bits = 8 loads on GPUs only (CPU: 4-bit)
+        if gs not in GPTQ_GROUP_SIZES:
+            raise ConfigError(f"{where} key 'group_size': vLLM 0.32 loads GPTQ with group_size -1, 32, 64 or 128, got {gs}")
+
+    def grid_needs(self, t: Target) -> GridNeeds:
+        return GridNeeds((int_grid(t.bits, t.group_size, True, "fp16"),))
+
+    def pack_module(self, qt: QuantizedTensor, name: str = "") -> dict[str, np.ndarray]:
+        return pack_module(qt, name)
+
+    def quantization_config(self, spec: ExportSpec, mp: ModulePlan) -> dict:
+        return quantization_config(spec, mp)
+
+
+FORMAT = GPTQFormat()

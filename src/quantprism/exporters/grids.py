@@ -1,4 +1,4 @@
-"""Which grids each export format needs from the canonical stage (exporters declare, the stage solves).
+"""Grid ids the canonical stage is asked for (each Format declares its needs; the stage solves them once).
 
 Scales are rounded to the dtype the runtime stores them in (fp16 for GPTQ/AWQ/compressed-tensors,
 fp32 for ONNX initializers), so the canonical dequantized weights are exactly what the runtime sees.
@@ -18,7 +18,8 @@ class GridNeeds:
     embed: tuple[str, ...] = ()  # token embeddings (GGUF token_embd)
 
 
-def _int(bits: int, gs: int, sym: bool, dtype: str, narrow: bool = False, reduced: bool = False) -> str:
+def int_grid(bits: int, gs: int, sym: bool, dtype: str, narrow: bool = False, reduced: bool = False) -> str:
+    """The id of an IntGrid (quantize.grids.IntGrid.id), built from its parts."""
     g = "c" if gs == -1 else str(gs)
     return f"int{bits}_g{g}_{'sym' if sym else 'asym'}{'_n' if narrow else ''}{'_r' if reduced else ''}_{dtype}"
 
@@ -30,31 +31,7 @@ def int8_reduced(t: Target) -> bool:
 
 
 def grid_needs(t: Target) -> GridNeeds:
-    if t.format == "gguf":
-        im = "_imat" if t.imatrix else ""
-        q = t.quant
-        if q == "Q4_K_M":
-            return GridNeeds((f"q4_k{im}", f"q6_k{im}"), (f"q6_k{im}",), ("q4_k",))
-        if q == "Q5_K_M":
-            return GridNeeds((f"q5_k{im}", f"q6_k{im}"), (f"q6_k{im}",), ("q5_k",))
-        if q == "Q6_K":
-            return GridNeeds((f"q6_k{im}",), (f"q6_k{im}",), ("q6_k",))
-        if q == "Q8_0":
-            return GridNeeds(("q8_0",), ("q8_0",), ("q8_0",))
-        return GridNeeds(())  # F16: nothing to quantize
-    if t.format == "gptq":
-        return GridNeeds((_int(t.bits, t.group_size, True, "fp16"),))
-    if t.format == "awq":
-        return GridNeeds((_int(4, t.group_size, False, "fp16"),))
-    if t.format == "compressed-tensors":
-        if t.quant == "W8A8":
-            return GridNeeds((_int(8, -1, True, "fp16", narrow=True, reduced=int8_reduced(t)),))
-        if t.quant == "W8A16":
-            return GridNeeds((_int(8, t.group_size, True, "fp16"),))
-        return GridNeeds((_int(4, t.group_size, t.symmetric, "fp16"),))
-    if t.format == "onnx":
-        if t.quant == "w8a8":
-            return GridNeeds((_int(8, -1, True, "fp32", narrow=True, reduced=int8_reduced(t)),))
-        bits = 8 if t.quant == "nbits8" else 4
-        return GridNeeds((_int(bits, t.group_size, t.symmetric, "fp32"),))
-    raise ValueError(t.format)
+    """What ``t``'s format needs from the canonical stage."""
+    from . import FORMATS
+
+    return FORMATS[t.format].grid_needs(t)

@@ -1,16 +1,14 @@
 """Byte packers for GGML block types (layouts: shared/reference/gguf-kquants.md §1).
 
 Pure re-layout of canonical codes and block parameters into little-endian GGML blocks,
-vectorised over all blocks of a tensor; one function per type, registered by type name.
+vectorised over all blocks of a tensor; one Packer class per type, registered by type name (block facts:
+quantize/ggml_types.py).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
-QK_K = 256
-BLOCK = {"Q8_0": (32, 34), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
+from ..quantize.ggml_types import GGML_TYPES, QK_K, GGMLType
 
 
 def _fp16_bytes(x: np.ndarray) -> np.ndarray:
@@ -99,14 +97,49 @@ def pack_q8_0(codes: np.ndarray, d: np.ndarray) -> bytes:
     return out.tobytes()
 
 
-PACKERS: dict[str, Callable[..., bytes]] = {
-    "Q4_K": lambda p: pack_q4_k(p["codes"], p["d"], p["dmin"], p["sc"], p["m"]),
-    "Q5_K": lambda p: pack_q5_k(p["codes"], p["d"], p["dmin"], p["sc"], p["m"]),
-    "Q6_K": lambda p: pack_q6_k(p["codes"], p["d"], p["sc"]),
-    "Q8_0": lambda p: pack_q8_0(p["codes"], p["d"]),
-}
+class Packer:
+    """One GGML type's byte layout (gguf-py style: one class per type, registered by it)."""
+
+    ggml: GGMLType
+
+    def pack(self, p: dict[str, np.ndarray]) -> bytes:
+        raise NotImplementedError
+
+    def nbytes(self, rows: int, cols: int) -> int:
+        return rows * cols // self.ggml.block * self.ggml.type_size
+
+
+class Q4K(Packer):
+    ggml = GGML_TYPES["Q4_K"]
+
+    def pack(self, p: dict[str, np.ndarray]) -> bytes:
+        return pack_q4_k(p["codes"], p["d"], p["dmin"], p["sc"], p["m"])
+
+
+class Q5K(Packer):
+    ggml = GGML_TYPES["Q5_K"]
+
+    def pack(self, p: dict[str, np.ndarray]) -> bytes:
+        return pack_q5_k(p["codes"], p["d"], p["dmin"], p["sc"], p["m"])
+
+
+class Q6K(Packer):
+    ggml = GGML_TYPES["Q6_K"]
+
+    def pack(self, p: dict[str, np.ndarray]) -> bytes:
+        return pack_q6_k(p["codes"], p["d"], p["sc"])
+
+
+class Q80(Packer):
+    ggml = GGML_TYPES["Q8_0"]
+
+    def pack(self, p: dict[str, np.ndarray]) -> bytes:
+        return pack_q8_0(p["codes"], p["d"])
+
+
+PACKERS: dict[str, Packer] = {c.ggml.name: c() for c in (Q4K, Q5K, Q6K, Q80)}
 
 
 def pack(qtype: str, params: dict[str, np.ndarray]) -> bytes:
     """Bytes of one tensor in GGML type ``qtype`` from canonical codes and block parameters."""
-    return PACKERS[qtype](params)
+    return PACKERS[qtype].pack(params)

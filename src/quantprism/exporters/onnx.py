@@ -28,9 +28,10 @@ import torch
 from onnx import numpy_helper
 
 from ..config import Target
-from ..errors import ArtifactError
+from ..errors import ArtifactError, ConfigError
 from ..model import ModelInfo, load_torch_model
-from .grids import grid_needs
+from .base import ExportSpec, Format
+from .grids import GridNeeds, int8_reduced, int_grid
 from .hf_checkpoint import TOKENIZER_FILES, atomic_dir
 from .onnx_kernels import MS_DOMAIN, W8A8, kernel_for, linear_nodes
 from .state import canonical_weights, load_weights
@@ -123,20 +124,9 @@ def _rename_initializers(proto: onnx.ModelProto) -> None:
 
 
 def module_choice(target: Target, canonical, plan: dict | None = None) -> Callable[[str], str | None]:
-    """The grid each module is exported with (None = fp): the main grid for decoder linears, the plan's
-    higher grid for protected ones, the head grid (if the target has one) for lm_head."""
-    needs = grid_needs(target)
-    protected = set((plan or {}).get("protected", []))
-    high = (plan or {}).get("high_grid")
-
-    def choose(mod: str) -> str | None:
-        if mod == "lm_head":
-            return needs.head[0] if needs.head else None
-        if not mod.startswith("model.layers.") or not needs.grids:
-            return None
-        return high if mod in protected and high else needs.grids[0]
-
-    return choose
+    """Kept for callers that hold a Target: the same choice as ``FORMAT.module_grids``."""
+    grids = FORMAT.module_grids(target, None, canonical, plan)
+    return lambda mod: grids.get(mod)
 
 
 def chosen_grids(canonical, choose: Callable[[str], str | None]) -> dict[str, str]:
@@ -268,14 +258,16 @@ def _runtime_meta(info: ModelInfo) -> dict[str, object]:
             "architecture": info.architecture}
 
 
-def export_onnx(target: Target | None, info: ModelInfo, canonical, out_dir: Path, plan: dict | None = None, *,
+def export_onnx(spec: ExportSpec | Target | None, info: ModelInfo, canonical, out_dir: Path, plan: dict | None = None, *,
                 accuracy_level: int = 4, external_data: bool | None = None) -> Path:
     """Write ``out_dir`` (model.onnx [+ model.onnx.data], tokenizer, quantprism_onnx.json) atomically.
 
-    ``target`` None (or no canonical result) exports the fp32 graph of ``info``'s weights.
+    ``spec`` None (or no canonical result) exports the fp32 graph of ``info``'s weights; a ``Target`` is
+    resolved into its ExportSpec first (a convenience for scripts and tests).
     """
-    choose = module_choice(target, canonical, plan) if target is not None else (lambda _m: None)
-    grids = chosen_grids(canonical, choose)
+    if isinstance(spec, Target):
+        spec = FORMAT.spec(spec, info, canonical, plan)
+    grids = chosen_grids(canonical, spec.grid_id if spec is not None else (lambda _m: None))
     model = load_torch_model(info)
     load_weights(model, canonical_weights(info, canonical, grids.get))
     with torch.inference_mode(False), torch.no_grad():
@@ -292,7 +284,7 @@ def export_onnx(target: Target | None, info: ModelInfo, canonical, out_dir: Path
         "schema": 1, "opset": OPSET, "inputs": ins, "outputs": outs,
         "past_to_present": {p: q for p, q in zip(ins[3:], outs[1:], strict=True)},
         "kv_layout": "[batch, kv_heads, positions, head_dim] float32", **meta,
-        "format": "onnx", "scheme": target.scheme if target is not None else "fp32",
+        "format": "onnx", "scheme": spec.scheme if spec is not None else "fp32",
         "accuracy_level": accuracy_level if any(k != W8A8 for k in kernels.values()) else None,
         "grids": grids, "kernels": kernels,
         "recipe": canonical.recipe.key() if canonical is not None else None,
@@ -304,3 +296,53 @@ def export_onnx(target: Target | None, info: ModelInfo, canonical, out_dir: Path
                 shutil.copyfile(info.path / f, tmp / f)
         (tmp / LAYOUT_FILE).write_text(json.dumps(layout, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return Path(out_dir)
+
+
+ONNX_SCHEMES = ("nbits8", "w8a8", "nbits4")
+
+
+class OnnxFormat(Format):
+    name = "onnx"
+    runtimes = ("onnxruntime",)
+    label = "ONNX"
+    packages = ("onnx", "onnxruntime")
+    # MatMulNBits runs with accuracy_level 4: activations are rounded to int8 per block inside the kernel
+    quantizes_activations = True
+
+    def check(self, where: str, vals: dict) -> None:
+        quant, gs = vals.get("quant"), vals.get("group_size", 128)
+        if quant not in ONNX_SCHEMES:
+            raise ConfigError(f"{where} key 'quant': ONNX needs one of {', '.join(ONNX_SCHEMES)}, got {quant!r}")
+        if quant == "w8a8" and vals.get("group_size", -1) != -1:
+            raise ConfigError(f"{where} key 'group_size': w8a8 (MatMulInteger) weights are per channel; set group_size = -1")
+        if quant in ("nbits8", "nbits4") and gs == -1:
+            raise ConfigError(f"{where} key 'group_size': MatMulNBits needs a block size (32/64/128)")
+        if vals.get("method", "gptq").startswith("awq") and quant == "w8a8":
+            raise ConfigError(f"{where} key 'method': AWQ targets weight-only grids")
+
+    def bits_group(self, t: Target) -> tuple[int, int]:
+        if t.quant == "w8a8":
+            return 8, -1
+        return (8 if t.quant == "nbits8" else 4), t.group_size
+
+    def grid_needs(self, t: Target) -> GridNeeds:
+        if t.quant == "w8a8":
+            return GridNeeds((int_grid(8, -1, True, "fp32", narrow=True, reduced=int8_reduced(t)),))
+        return GridNeeds((int_grid(8 if t.quant == "nbits8" else 4, t.group_size, t.symmetric, "fp32"),))
+
+    def module_grids(self, t: Target, info: ModelInfo | None, canonical, plan: dict | None) -> dict[str, str | None]:
+        grids = super().module_grids(t, info, canonical, plan)
+        for gid in grids.values():
+            if gid is not None:
+                kernel_for(gid)  # refuses grids ORT cannot run, before the slow export
+        return grids
+
+    def export(self, spec: ExportSpec, info: ModelInfo, canonical, dest: Path) -> Path:
+        return export_onnx(spec, info, canonical, Path(dest) / "onnx") / MODEL_FILE
+
+    def recognize(self, path: Path) -> bool:
+        path = Path(path)
+        return path.suffix == ".onnx" or (path / MODEL_FILE).is_file() or (path / LAYOUT_FILE).is_file()
+
+
+FORMAT = OnnxFormat()

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from . import kquants as kq
+from .ggml_types import GGML_TYPES
 
 Params = dict[str, torch.Tensor]
 CLIP_SHRINK = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79, 0.76)
@@ -194,10 +195,10 @@ class KQuantGrid:
 
     @property
     def bits(self) -> float:
-        return {"Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625, "Q8_0": 8.5}[self.type]
+        return GGML_TYPES[self.type].bits
 
     def group_cols(self, k: int) -> int:
-        return 32 if self.type == "Q8_0" else kq.QK_K
+        return GGML_TYPES[self.type].block
 
     def _encode(self, w: np.ndarray, imp: np.ndarray | None) -> dict[str, np.ndarray]:
         imp = imp if self.imatrix else None

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .ggml_types import QK_K
+
 F32 = np.float32
-QK_K = 256
 EPS = F32(1e-15)
 
 

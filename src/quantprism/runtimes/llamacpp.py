@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ArtifactError, RuntimeUnavailable
+from .base import GreedySession
 
 
 def available() -> tuple[bool, str]:
@@ -41,7 +41,7 @@ def check_gguf(path: Path) -> dict:
     return {"tensors": n, "architecture": bytes(arch.parts[-1]).decode() if arch else None}
 
 
-class LlamaCppSession:
+class LlamaCppSession(GreedySession):
     """One loaded GGUF. ``logits`` is teacher-forced over a token sequence (for KLD); ``generate`` is greedy."""
 
     runtime = "llamacpp"
@@ -59,10 +59,13 @@ class LlamaCppSession:
         self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=self.threads,
                          n_threads_batch=self.threads, logits_all=logits_all, verbose=False)
         self.logits_all = logits_all  # False = serving mode: only the last position's logits (latency)
-        self.eos = self.llm.token_eos()
+        self.eos = {int(self.llm.token_eos())}
 
     def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def describe(self) -> str:
+        return f"{self.info['architecture']}, {self.info['tensors']} tensors"
 
     def detokenize(self, ids: list[int]) -> str:
         return self.llm.detokenize([int(i) for i in ids]).decode("utf-8", errors="replace")
@@ -75,33 +78,20 @@ class LlamaCppSession:
         self.llm.eval(ids)
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
 
-    def _next_token(self) -> int:
+    def _last_row(self) -> np.ndarray:
         import llama_cpp
 
         row = llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)  # the last evaluated position, in both modes
-        return int(np.argmax(np.ctypeslib.as_array(row, shape=(self.llm.n_vocab(),))))
+        return np.ctypeslib.as_array(row, shape=(self.llm.n_vocab(),))
 
-    def timed_generate(self, ids: list[int], max_tokens: int, stop_at_eos: bool = True) -> tuple[list[int], float, list[float]]:
-        """Greedy generation with timings: (tokens, seconds to the first token, seconds per later token)."""
+    def _prefill(self, ids: list[int], max_new: int) -> np.ndarray:
         self.llm.reset()
-        t0 = time.perf_counter()
-        self.llm.eval([int(i) for i in ids])
-        tok = self._next_token()
-        ttft = time.perf_counter() - t0
-        out: list[int] = []
-        per_token: list[float] = []
-        while len(out) < max_tokens and not (stop_at_eos and tok == self.eos):
-            out.append(tok)
-            if len(out) == max_tokens:
-                break
-            t1 = time.perf_counter()
-            self.llm.eval([tok])
-            tok = self._next_token()
-            per_token.append(time.perf_counter() - t1)
-        return out, ttft, per_token
+        self.llm.eval(ids)
+        return self._last_row()
 
-    def generate(self, ids: list[int], max_tokens: int) -> list[int]:
-        return self.timed_generate(ids, max_tokens)[0]
+    def _decode(self, token: int) -> np.ndarray:
+        self.llm.eval([token])
+        return self._last_row()
 
     def close(self) -> None:
         self.llm.close()
@@ -111,52 +101,5 @@ def open_session(path: Path, n_ctx: int = 512, threads: int | None = None, logit
     return LlamaCppSession(path, n_ctx, threads, logits_all)
 
 
-def quantize(src: Path, dst: Path, file_type: str, imatrix: dict[str, np.ndarray] | None = None,
-             threads: int | None = None) -> Path:
-    """llama.cpp's own quantizer (``llama_model_quantize``): the baseline our artifacts are measured against.
-
-    ``imatrix`` maps GGUF tensor names (``blk.0.attn_q.weight``) to per-input-channel importance,
-    passed through ``params.imatrix`` exactly as llama-quantize passes a loaded imatrix file.
-    """
-    import ctypes
-
-    ok, why = available()
-    if not ok:
-        raise RuntimeUnavailable(why)
-    import llama_cpp
-    from llama_cpp._utils import suppress_stdout_stderr
-
-    from ..exporters.gguf import FILE_TYPES
-    from ..manifest import atomic_path
-
-    check_gguf(src)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = FILE_TYPES[file_type]
-    params.nthread = threads or min(os.cpu_count() or 1, 8)
-    keep: list = []  # the C side reads these buffers during the call
-    if imatrix:
-        arr = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()  # zeroed: a NULL name ends it
-        for i, (name, values) in enumerate(sorted(imatrix.items())):
-            data = np.ascontiguousarray(values, dtype=np.float32)
-            if not np.all(np.isfinite(data)):
-                raise ArtifactError(f"imatrix for {name} has non-finite values")
-            keep += [data, name.encode()]
-            arr[i].name = keep[-1]
-            arr[i].data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            arr[i].size = data.size
-        keep.append(arr)
-        params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-    with atomic_path(dst) as tmp:
-        with suppress_stdout_stderr(disable=False):
-            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-        if rc != 0:  # raised inside the block: the temp file is removed, nothing lands at dst
-            raise ArtifactError(f"llama_model_quantize failed on {src} (status {rc}); see llama.cpp's message above")
-    return Path(dst)
-
-
-def gguf_imatrix(imatrix: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """HF module → importance (e.g. a canonical result's or fp_imatrix's) keyed by GGUF tensor name."""
-    from ..exporters.gguf import gguf_name
-
-    return {f"{gguf_name(m)}.weight": np.asarray(v, dtype=np.float32) for m, v in imatrix.items()
-            if m != "model.embed_tokens"}
+def open_runtime_session(path: Path, threads: int | None, n_ctx: int) -> LlamaCppSession:
+    return LlamaCppSession(path, n_ctx, threads)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ArtifactError, RuntimeUnavailable
+from .base import GreedySession, HFTokenizerSession
 
 MODEL_FILE = "model.onnx"
 OPT_LEVELS = ("disable", "basic", "extended", "all")
@@ -66,7 +66,7 @@ def check_onnx(path: Path) -> dict:
     return {"nodes": len(proto.graph.node), "ops": ops, "external_data": sorted(need)}
 
 
-class OnnxRuntimeSession:
+class OnnxRuntimeSession(HFTokenizerSession, GreedySession):
     """One loaded ONNX decoder. ``logits`` is teacher-forced (one run from an empty past); ``generate`` is greedy."""
 
     runtime = "onnxruntime"
@@ -114,23 +114,6 @@ class OnnxRuntimeSession:
         self.kv_heads = int(meta.get("quantprism.num_kv_heads", dec.get("num_key_value_heads", shapes[self.past[0]][1])))
         self.head_dim = int(meta.get("quantprism.head_dim", dec.get("head_size", shapes[self.past[0]][3])))
         self.eos = set(json.loads(meta.get("quantprism.eos_token_id", "[]")))
-        self._tok = None
-
-    @property
-    def tokenizer(self):
-        if self._tok is None:
-            from transformers import AutoTokenizer
-
-            try:
-                self._tok = AutoTokenizer.from_pretrained(str(self.root), local_files_only=True)
-            except (OSError, ValueError) as e:
-                raise ArtifactError(f"{self.root}: no usable tokenizer files next to {MODEL_FILE} ({e})") from None
-            if not self.eos and self._tok.eos_token_id is not None:
-                self.eos = {int(self._tok.eos_token_id)}
-        return self._tok
-
-    def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _empty_past(self) -> list[np.ndarray]:
         return [np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32) for _ in self.past]
@@ -146,32 +129,21 @@ class OnnxRuntimeSession:
         out = self.sess.run(["logits", *self.present], feed)
         return out[0][0], out[1:]
 
-    def detokenize(self, ids: list[int]) -> str:
-        return self.tokenizer.decode([int(i) for i in ids])
+    def describe(self) -> str:
+        facts = check_onnx(self.root)
+        ext = facts["external_data"]
+        return f"{facts['nodes']} nodes" + (f", external data {', '.join(ext)}" if ext else "")
 
     def logits(self, ids: list[int] | np.ndarray) -> np.ndarray:
         return np.asarray(self._step([int(i) for i in ids], self._empty_past())[0], np.float32)
 
-    def timed_generate(self, ids: list[int], max_tokens: int, stop_at_eos: bool = True) -> tuple[list[int], float, list[float]]:
-        """Greedy generation with timings: (tokens, seconds to the first token, seconds per later token)."""
-        t0 = time.perf_counter()
-        logits, past = self._step([int(i) for i in ids], self._empty_past())
-        tok = int(np.argmax(logits[-1]))
-        ttft = time.perf_counter() - t0
-        out: list[int] = []
-        per_token: list[float] = []
-        while len(out) < max_tokens and not (stop_at_eos and tok in self.eos):
-            out.append(tok)
-            if len(out) == max_tokens:
-                break
-            t1 = time.perf_counter()
-            logits, past = self._step([tok], past)
-            tok = int(np.argmax(logits[-1]))
-            per_token.append(time.perf_counter() - t1)
-        return out, ttft, per_token
+    def _prefill(self, ids: list[int], max_new: int) -> np.ndarray:
+        logits, self._past = self._step(ids, self._empty_past())
+        return logits[-1]
 
-    def generate(self, ids: list[int], max_tokens: int) -> list[int]:
-        return self.timed_generate(ids, max_tokens)[0]
+    def _decode(self, token: int) -> np.ndarray:
+        logits, self._past = self._step([token], self._past)
+        return logits[-1]
 
     def close(self) -> None:
         self.sess = None
@@ -179,3 +151,7 @@ class OnnxRuntimeSession:
 
 def open_session(path: Path, threads: int | None = None, opt_level: str = "all", spinning: bool = True) -> OnnxRuntimeSession:
     return OnnxRuntimeSession(path, threads, opt_level, spinning)
+
+
+def open_runtime_session(path: Path, threads: int | None, n_ctx: int) -> OnnxRuntimeSession:
+    return OnnxRuntimeSession(path, threads)

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 
+from .base import GreedySession
 
-class TorchSession:
+
+class TorchSession(GreedySession):
     runtime = "torch"
     kernel = "native"
 
@@ -22,7 +23,7 @@ class TorchSession:
         info = load_model_info(path)
         self.model = load_torch_model(info)
         self.tok = load_tokenizer(info)
-        self.eos = self.tok.eos_token_id
+        self.eos = {int(self.tok.eos_token_id)} if self.tok.eos_token_id is not None else set()
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=False))
@@ -36,27 +37,21 @@ class TorchSession:
         with torch.inference_mode():
             return self.model(torch.as_tensor(np.asarray(ids, dtype=np.int64))[None]).logits[0].float().numpy()
 
-    def timed_generate(self, ids: list[int], max_tokens: int, stop_at_eos: bool = True) -> tuple[list[int], float, list[float]]:
+    def _prefill(self, ids: list[int], max_new: int) -> np.ndarray:
         import torch
 
         with torch.inference_mode():
-            t0 = time.perf_counter()
             out = self.model(torch.tensor([ids]), use_cache=True)
-            tok = int(out.logits[0, -1].argmax())
-            ttft = time.perf_counter() - t0
-            past, toks, per = out.past_key_values, [], []
-            while len(toks) < max_tokens and not (stop_at_eos and tok == self.eos):
-                toks.append(tok)
-                if len(toks) == max_tokens:
-                    break
-                t1 = time.perf_counter()
-                out = self.model(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
-                past, tok = out.past_key_values, int(out.logits[0, -1].argmax())
-                per.append(time.perf_counter() - t1)
-        return toks, ttft, per
+        self._past = out.past_key_values
+        return out.logits[0, -1].float().numpy()
 
-    def generate(self, ids: list[int], max_tokens: int) -> list[int]:
-        return self.timed_generate(ids, max_tokens)[0]
+    def _decode(self, token: int) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(torch.tensor([[token]]), past_key_values=self._past, use_cache=True)
+        self._past = out.past_key_values
+        return out.logits[0, -1].float().numpy()
 
     def close(self) -> None:
         del self.model
@@ -64,3 +59,7 @@ class TorchSession:
 
 def open_session(path: Path | None, threads: int | None = None) -> TorchSession:
     return TorchSession(path, threads)
+
+
+def open_runtime_session(path: Path, threads: int | None, n_ctx: int):
+    return open_session(path, threads=threads)

@@ -176,6 +176,9 @@ class VllmSession:
 
         return SamplingParams(temperature=0.0, seed=0, **kw)
 
+    def describe(self) -> str:
+        return "HF checkpoint"
+
     def detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.decode([int(i) for i in ids])
 
@@ -264,3 +267,7 @@ class VllmSession:
 
 def open_session(path: Path, **kw) -> VllmSession:
     return VllmSession(path, **kw)
+
+
+def open_runtime_session(path: Path, threads: int | None, n_ctx: int) -> VllmSession:
+    return VllmSession(path, max_model_len=n_ctx, threads=threads)

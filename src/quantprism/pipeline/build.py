@@ -20,7 +20,7 @@ from ..config import Target
 from ..hardware import detect
 from ..manifest import file_table, write_json_atomic
 from ..model import ModelInfo
-from .results import SCHEMA, environment, evaluate_gates
+from ..report.results import SCHEMA, environment, evaluate_gates
 
 SMOKE_PROMPT = "def read_config(path):\n"
 SMOKE_TOKENS = 32  # generated greedily, EOS not honoured: a runtime that stops early fails
@@ -47,21 +47,13 @@ class BuildSettings:
     seconds: dict = field(default_factory=dict)
 
 
-def export_target(t: Target, info: ModelInfo, res, plan: dict | None, dest: Path, prov: dict) -> Path:
-    """Write one target's artifact under ``dest``; returns what its runtime opens."""
-    if t.format == "gguf":
-        from ..exporters.gguf import write_gguf
+def export_target(t: Target, info: ModelInfo, res, plan: dict | None, dest: Path, prov: dict):
+    """Resolve ``t`` into its ExportSpec and write its artifact under ``dest``; returns (spec, what its runtime opens)."""
+    from ..exporters import FORMATS
 
-        return write_gguf(dest / "model.gguf", info, res, t.quant, imatrix=t.imatrix, provenance=prov, plan=plan)
-    if t.format in ("gptq", "awq", "compressed-tensors"):
-        from ..exporters.vllm import export_vllm
-
-        return export_vllm(t, info, res, dest / "checkpoint", plan)
-    if t.format == "onnx":
-        from ..exporters.onnx import export_onnx
-
-        return export_onnx(t, info, res, dest / "onnx", plan) / "model.onnx"
-    raise ValueError(t.format)
+    fmt = FORMATS[t.format]
+    spec = fmt.spec(t, info, res, plan, prov)
+    return spec, fmt.export(spec, info, res, dest)
 
 
 def base_logprobs_file(info: ModelInfo, s: BuildSettings, calibration_ids: np.ndarray, cache: Path) -> Path:
@@ -89,16 +81,14 @@ def base_logprobs_file(info: ModelInfo, s: BuildSettings, calibration_ids: np.nd
     return path
 
 
-def canonical_reference_file(model, info: ModelInfo, t: Target, res, plan: dict | None, chunks: np.ndarray,
-                             path: Path) -> Path:
+def canonical_reference_file(model, info: ModelInfo, spec, res, chunks: np.ndarray, path: Path) -> Path:
     """The canonical model of ``t`` (canonical fp state + the grids its format carries, dequantized — no exporter,
     no packer) scored on the smoke chunks. The smoke test holds the runtime's logits against it, so any
     exporter/state mismatch (e.g. norms from the original while the codes are AWQ-scaled) fails the target."""
     from ..evaluate.compare import base_logprobs, torch_logits_fn
-    from ..exporters import reference_choice
     from ..exporters.state import canonical_weights, load_weights
 
-    load_weights(model, canonical_weights(info, res, reference_choice(t, info, res, plan)))
+    load_weights(model, canonical_weights(info, res, spec.grid_id))
     ref = base_logprobs(chunks, torch_logits_fn(model))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
@@ -119,7 +109,7 @@ def run_worker(name: str, runtime: str, artifact: Path, base: Path, s: BuildSett
     spec_path.write_text(json.dumps(spec, indent=2))
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-m", "quantprism.build.worker", str(spec_path)], capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "quantprism.pipeline.validate", str(spec_path)], capture_output=True,
                               text=True, timeout=WORKER_TIMEOUT_S)
         rc, err = proc.returncode, proc.stderr
     except subprocess.TimeoutExpired:
@@ -163,8 +153,8 @@ def finish_row(row: dict, gates: dict, skip_bench: bool, original: dict | None =
 def build(targets: list[Target], info: ModelInfo, s: BuildSettings, progress=None) -> dict:
     """Run the build and return the results document (also written to ``s.out/results.json``)."""
     from ..model import load_tokenizer, load_torch_model
-    from ..pipeline import plan_recipes, run_stage, target_plan
     from ..quantize import store
+    from .plan import plan_recipes, run_stage, target_plan
 
     t_all = time.perf_counter()
     s.out.mkdir(parents=True, exist_ok=True)
@@ -196,9 +186,9 @@ def build(targets: list[Target], info: ModelInfo, s: BuildSettings, progress=Non
             plan = target_plan(t, res) if res is not None else None
             row["plan"] = {"protected": plan["protected"], "bits_per_weight": plan["bits_per_weight"]} if plan else None
             t1 = time.perf_counter()
-            artifacts[t.name] = export_target(t, info, res, plan, s.out / t.name, prov)
+            spec, artifacts[t.name] = export_target(t, info, res, plan, s.out / t.name, prov)
             row["seconds"] = {"export": round(time.perf_counter() - t1, 2)}
-            references[t.name] = canonical_reference_file(ref_model, info, t, res, plan, chunks,
+            references[t.name] = canonical_reference_file(ref_model, info, spec, res, chunks,
                                                           s.out / t.name / ".work" / "canonical-reference.npz")
             row["artifact"] = str(artifacts[t.name])
             row["files"], row["size_bytes"] = _size(artifacts[t.name])
@@ -241,7 +231,7 @@ def build(targets: list[Target], info: ModelInfo, s: BuildSettings, progress=Non
         "targets": [rows[t.name] for t in targets], "passed": all(rows[t.name]["passed"] for t in targets),
     }
     write_json_atomic(s.out / "results.json", doc)
-    from .report import write_reports
+    from ..report.render import write_reports
 
     write_reports(doc, s.out)
     return doc

@@ -5,7 +5,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .loader import ModelInfo, load_model_info
+from ..model.loader import ModelInfo, load_model_info
 
 
 def _shape_rows(info: ModelInfo) -> list[tuple[str, str, str, str]]:
@@ -84,7 +84,7 @@ def render_inspect(console: Any, path: str | None, targets_file: Path | None, ca
 
     if calibration is not None:
         from ..calibration import build_calibration
-        from .loader import load_tokenizer
+        from ..model.loader import load_tokenizer
 
         tok = load_tokenizer(info)
         cs = build_calibration(tok, calibration, samples, seq_len, seed,

@@ -10,13 +10,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .calibration import CalibrationSet, build_calibration
-from .config import Target, TargetsFile
-from .exporters.grids import grid_needs
-from .model import ModelInfo, load_tokenizer, load_torch_model
-from .quantize import store
-from .quantize.mixed import higher_grid, plan, sensitivity
-from .quantize.stage import CanonicalModel, Recipe, StageSettings, run_canonical
+from ..calibration import CalibrationSet, build_calibration
+from ..config import Target, TargetsFile
+from ..exporters.grids import grid_needs
+from ..model import ModelInfo, load_tokenizer, load_torch_model
+from ..quantize import store
+from ..quantize.mixed import higher_grid, plan, sensitivity
+from ..quantize.stage import CanonicalModel, Recipe, StageSettings, run_canonical
 
 METHOD_TO_RECIPE = {
     "rtn": ("none", "rtn"), "gptq": ("none", "gptq"), "awq": ("awq", "rtn"), "awq+gptq": ("awq", "gptq"),
@@ -112,7 +112,7 @@ def measure_sensitivity(model, res: CanonicalModel, ids) -> dict[str, dict[str, 
     """Per-tensor sensitivity of every grid of ``res`` except the protection grids."""
     import torch
 
-    from .evaluate.canonical import canonical_overrides
+    from ..evaluate.canonical import canonical_overrides
 
     out = {}
     base = canonical_overrides(res, lambda mod: None)  # transformed fp tensors only
@@ -135,7 +135,7 @@ def target_plan(t: Target, res: CanonicalModel) -> dict | None:
 
 
 def targets_of(tf: TargetsFile, only: list[str] | None) -> list[Target]:
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     if not only:
         return list(tf.targets.values())

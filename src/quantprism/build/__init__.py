@@ -1,1 +1,0 @@
-"""`quantprism build`: the target matrix in one command (runner), one process per target (worker), reports."""

@@ -1,0 +1,115 @@
+"""The runtime contract: a typed Session protocol, ONE greedy decode loop, and the Runtime entry that opens one.
+
+Runtimes only load artifacts and run them (they import no exporter). A session reports ``runtime``, ``kernel``
+("native", or e.g. "emulated-wna16" when a kernel is missing and emulated — then it is no speed figure) and
+``threads``. Step-driven runtimes (llama.cpp, ONNX Runtime, torch) implement ``_prefill`` / ``_decode`` and
+inherit ``timed_generate`` from ``GreedySession``; vLLM drives its own scheduler and implements it directly.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Session(Protocol):
+    runtime: str
+    kernel: str
+    threads: int
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def detokenize(self, ids: list[int]) -> str: ...
+
+    def logits(self, ids: list[int] | np.ndarray) -> np.ndarray:
+        """Teacher-forced logits [T, V] of every position of ``ids``."""
+        ...
+
+    def timed_generate(self, ids: list[int], max_tokens: int, stop_at_eos: bool = True) -> tuple[list[int], float, list[float]]:
+        """Greedy tokens, seconds to the first token, seconds per later token."""
+        ...
+
+    def generate(self, ids: list[int], max_tokens: int) -> list[int]: ...
+
+    def close(self) -> None: ...
+
+
+class GreedySession:
+    """The one greedy loop. Subclasses give ``_prefill(ids) -> last logits row`` (resetting any state) and
+    ``_decode(token) -> next logits row``, and ``eos`` (a set of token ids)."""
+
+    eos: set[int]
+
+    def _prefill(self, ids: list[int], max_new: int) -> np.ndarray:
+        """Reset, run ``ids`` (room for ``max_new`` more positions), return the last position's logits."""
+        raise NotImplementedError
+
+    def _decode(self, token: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def timed_generate(self, ids: list[int], max_tokens: int, stop_at_eos: bool = True) -> tuple[list[int], float, list[float]]:
+        t0 = time.perf_counter()
+        tok = int(np.argmax(self._prefill([int(i) for i in ids], max_tokens)))
+        ttft = time.perf_counter() - t0
+        out: list[int] = []
+        per_token: list[float] = []
+        while len(out) < max_tokens and not (stop_at_eos and tok in self.eos):
+            out.append(tok)
+            if len(out) == max_tokens:
+                break
+            t1 = time.perf_counter()
+            tok = int(np.argmax(self._decode(tok)))
+            per_token.append(time.perf_counter() - t1)
+        return out, ttft, per_token
+
+    def generate(self, ids: list[int], max_tokens: int) -> list[int]:
+        return self.timed_generate(ids, max_tokens)[0]
+
+
+class HFTokenizerSession:
+    """Sessions whose artifact directory (``root``) carries the HF tokenizer files (ONNX Runtime, GenAI)."""
+
+    root: Path
+    eos: set[int]
+    _tok = None
+
+    @property
+    def tokenizer(self):
+        if self._tok is None:
+            from transformers import AutoTokenizer
+
+            from ..errors import ArtifactError
+
+            try:
+                self._tok = AutoTokenizer.from_pretrained(str(self.root), local_files_only=True)
+            except (OSError, ValueError) as e:
+                raise ArtifactError(f"{self.root}: no usable tokenizer files next to the model "
+                                    f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from None
+            if not self.eos and self._tok.eos_token_id is not None:
+                self.eos = {int(self._tok.eos_token_id)}
+        return self._tok
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids])
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A registry entry: how to open an artifact in this runtime."""
+
+    name: str
+    label: str  # human name
+    module: str  # the adapter module, imported on open
+    packages: tuple[str, ...] = ()  # distributions recorded in results.json
+
+    def open(self, artifact: Path, threads: int | None = None, n_ctx: int = 1024) -> Session:
+        import importlib
+
+        return importlib.import_module(self.module).open_runtime_session(Path(artifact), threads, n_ctx)
