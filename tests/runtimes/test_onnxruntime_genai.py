@@ -116,9 +116,9 @@ def _canonical_torch(info, t, res):
 def test_generates_and_agrees_with_the_canonical_model(canonical, exported, scheme, record_property):
     """The build's smoke rule: 32 greedy tokens, then over the first 2 evaluation chunks top-1 ≥ 99 % on decisive
     positions (top-2 margin ≥ 1 nat) and mean KLD ≤ 0.01 against the canonical torch model."""
-    from quantprism.pipeline.validate import DECISIVE_MARGIN, MAX_FIDELITY_KLD, MIN_TOP1_DECISIVE
     from quantprism.calibration import eval_text_path
     from quantprism.evaluate.compare import eval_token_chunks
+    from quantprism.pipeline.validate import DECISIVE_MARGIN, MAX_FIDELITY_KLD, MIN_TOP1_DECISIVE
     from quantprism.runtimes.onnxruntime_genai import open_session
 
     info = canonical[0]
@@ -243,11 +243,11 @@ def test_qwen2_with_biases_tied_embeddings_and_rope_theta(tmp_path):
 
     from trained_variants import bundled_tokenizer, save_trained_as
 
-    from quantprism.pipeline.validate import DECISIVE_MARGIN, MAX_FIDELITY_KLD, MIN_TOP1_DECISIVE
     from quantprism.config import Target
     from quantprism.exporters.onnx_genai import export_onnx_genai
     from quantprism.model import BUILTIN_MODEL, load_model_info
     from quantprism.pipeline import plan_recipes, run_stage
+    from quantprism.pipeline.validate import DECISIVE_MARGIN, MAX_FIDELITY_KLD, MIN_TOP1_DECISIVE
     from quantprism.runtimes.onnxruntime_genai import open_session
 
     d = save_trained_as("qwen2", tmp_path / "qwen2", qkv_bias=0.05, tied=True)
