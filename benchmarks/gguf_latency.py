@@ -7,8 +7,8 @@ Each artifact runs in its own child process (so peak RSS is its own). Bundled-mo
 exports (canonical GPTQ codes); the 1B model has random weights (benchmarks/synthetic.py's shape), its
 F16 GGUF is written by our writer and its Q8_0/Q4_K_M by llama.cpp's quantizer from that F16 —
 per-tensor types, hence kernels and bytes read, are the same as our exports'; a canonical pass on the 1B
-model is timed separately in benchmarks/synthetic.py. bound_tok_s = copy bandwidth / bytes read per token
-(all weights + the KV cache at the mean decode position), measured in the same run.
+model is timed separately in benchmarks/synthetic.py. bound_tok_s = READ bandwidth / bytes read per token
+(all weights + the KV cache at the mean decode position; a decode step only reads them), measured in the same run.
 """
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def main() -> None:
     if args.out is None:
         ap.error("--out is required")
 
-    from quantprism.runtimes.latency import decode_bytes_per_token, memory_bandwidth
+    from quantprism.runtimes.latency import decode_bound_tok_s, decode_bytes_per_token, memory_bandwidth
 
     args.work.mkdir(parents=True, exist_ok=True)
     sets = {"bundled": bundled_artifacts(args.work)}
@@ -130,7 +130,7 @@ def main() -> None:
             facts = gguf_facts(path)
             mean_pos = r["prompt_tokens"] + r["decode_tokens"] / 2
             per_tok = decode_bytes_per_token(facts["tensor_bytes"], facts["kv_bytes_per_position"], int(mean_pos))
-            bound = bw["copy_gb_s"] * 1e9 / per_tok
+            bound = decode_bound_tok_s(bw, per_tok)  # read bandwidth: a decode step reads, it does not copy
             rows.append({"model": model, "file_type": ft, "path": str(path), "file_bytes": path.stat().st_size,
                          "n_params": facts["n_params"], "bytes_read_per_token": per_tok,
                          "bound_tok_s": round(bound, 2), "fraction_of_bound": round(r["decode_tok_s_p50"] / bound, 3),
@@ -138,7 +138,7 @@ def main() -> None:
             print(f"{model:13s} {ft:7s} TTFT {r['ttft_ms_p50']:8.1f} ms  prefill {r['prefill_tok_s']:8.1f} tok/s  "
                   f"decode p50 {r['decode_tok_s_p50']:7.1f} p95 {r['decode_tok_s_p95']:7.1f} tok/s  "
                   f"bound {bound:7.1f}  RSS {r['peak_rss_mb']:7.0f} MB", flush=True)
-    out = {"memory_bandwidth": bw, "threads": args.threads, "rows": rows}
+    out = {"memory_bandwidth": bw, "bound_bandwidth": "read_gb_s", "threads": args.threads, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
 

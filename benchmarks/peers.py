@@ -1,15 +1,28 @@
-"""Our best W4G128-sym method against llm-compressor's GPTQ and AutoRound, on identical inputs.
+"""Each quantprism W4G128-sym method against the peer that implements the same method, on identical inputs.
 
-    python benchmarks/peers.py --out benchmarks/results/peers.json [--model DIR] [--calibration FILE] [--eval-text FILE]
+    python benchmarks/peers.py --out benchmarks/results/peers.json [--model DIR] [--calibration FILE] \
+        [--eval-text FILE] [--peers llmcompressor,autoround] [--autoround-iters 200] [--awq-samples 32]
 
-The peers live in their own virtualenv (benchmarks/.peers-venv, created on demand with torch from
-the local CPU wheel) and are never dependencies of quantprism. Each peer gets the exact calibration
-token ids quantprism uses; its quantized decoder weights come back as safetensors and are scored by
-the same evaluator (KLD vs the original on held-out text) as ours.
+Pairs (same method, same grid, same calibration token ids, lm_head fp, scored by the same evaluator):
+  rtn       ↔ llm-compressor QuantizationModifier W4A16 (round-to-nearest, min-max scales)
+  gptq      ↔ llm-compressor GPTQModifier W4A16            (THE headline ratio)
+  awq       ↔ llm-compressor AWQModifier + QuantizationModifier
+  awq+gptq  ↔ llm-compressor AWQModifier + GPTQModifier
+  AutoRound (SignRound; quantprism has no such method) ↔ quantprism's best method.
+AWQ pairs use ``--awq-samples`` calibration windows on BOTH sides (default 32, a reduced configuration:
+llm-compressor's AWQ grid search needs ~25 min per run with 128 × 512 tokens on 2 cores; ``--awq-samples 128``
+for the full one). Each peer method runs in the settings listed below (its default first; ``--llmc-awq-sweep``
+adds duo_scaling="both" to AWQ); the setting reported is the one with the lowest KLD on the DEV split — windows of the calibration text that were NOT selected as calibration windows, disjoint
+from the eval text (``--dev-chunks``; ``--dev-text`` for a separate file). quantprism's "best" method is chosen
+the same way. Only the chosen settings are scored on the eval text.
+
+The peers live in their own virtualenv (benchmarks/.peers-venv, created on demand with torch from the local CPU
+wheel) and are never dependencies of quantprism; benchmarks/peers_worker.py runs them there.
 """
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -17,11 +30,28 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import quality_parser  # noqa: E402
+from common import dev_split, quality_parser  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 VENV = HERE / ".peers-venv"
 PEERS = ["torch==2.13.0+cpu", "llmcompressor==0.14.0.1", "auto-round>=0.15,<0.16"]
+GRID = "int4_g128_sym_fp16"
+
+# peer settings tried per method (first = the peer's default); the best on the dev split is reported
+LLMC_SETTINGS = {
+    "rtn": [{}],
+    "gptq": [{"actorder": "static", "dampening_frac": 0.01}, {"actorder": None, "dampening_frac": 0.01},
+             {"actorder": "static", "dampening_frac": 0.1}],
+    "awq": [{"duo_scaling": True}],
+    "awq+gptq": [{"duo_scaling": True, "actorder": "static", "dampening_frac": 0.01}],
+}
+AWQ_SWEEP = {"awq": {"duo_scaling": "both"}, "awq+gptq": {"duo_scaling": "both", "actorder": "static", "dampening_frac": 0.01}}
+LLMC_NAMES = {"rtn": "QuantizationModifier W4A16 (RTN, min-max)", "gptq": "GPTQModifier W4A16",
+              "awq": "AWQModifier + QuantizationModifier W4A16", "awq+gptq": "AWQModifier + GPTQModifier W4A16"}
+OURS_DESC = {"rtn": "RTN, no clip search (textbook)",
+             "gptq": "GPTQ: sequential inputs, static-group act-order, clip search, damp 0.01",
+             "awq": "AWQ scales (searched against the grid) + RTN with clip search",
+             "awq+gptq": "AWQ scales searched with GPTQ in the loop + GPTQ (as gptq)"}
 
 
 def ensure_venv() -> Path:
@@ -35,9 +65,16 @@ def ensure_venv() -> Path:
     return py
 
 
+def setting_name(peer: str, method: str, s: dict) -> str:
+    return f"{peer}:{method}:" + (",".join(f"{k}={v}" for k, v in s.items()) or "default")
+
+
 def main() -> None:
     ap = quality_parser(__doc__.split("\n")[0])
     ap.add_argument("--peers", default="llmcompressor,autoround")
+    ap.add_argument("--autoround-iters", default="200", help="AutoRound iteration counts tried, comma-separated (best on dev)")
+    ap.add_argument("--awq-samples", type=int, default=32, help="calibration windows for the AWQ pairs (both sides)")
+    ap.add_argument("--llmc-awq-sweep", action="store_true", help="also try llm-compressor AWQ with duo_scaling='both'")
     args = ap.parse_args()
 
     import torch
@@ -45,59 +82,175 @@ def main() -> None:
 
     from quantprism.calibration import build_calibration, eval_text_path
     from quantprism.evaluate.canonical import Evaluator, canonical_overrides, decoder_only
+    from quantprism.evaluate.compare import base_logprobs, torch_logits_fn
     from quantprism.model import load_model_info, load_tokenizer
     from quantprism.pipeline import run_stage
     from quantprism.quantize.stage import Recipe
 
+    t_all = time.time()
+    load_start = [round(x, 2) for x in os.getloadavg()]
     torch.set_num_threads(2)
     info = load_model_info(args.model)
-    calib = build_calibration(load_tokenizer(info), args.calibration, args.samples, args.seq_len, 0)
+    tok = load_tokenizer(info)
+    calib = build_calibration(tok, args.calibration, args.samples, args.seq_len, 0)
+    awq_n = args.awq_samples if args.awq_samples != args.samples else None
+    calib_awq = build_calibration(tok, args.calibration, awq_n, args.seq_len, 0, warn=False) if awq_n else calib
+    dev_ids, dev_rec = dev_split(tok, calib, args.calibration, 0, args.dev_chunks, args.dev_text,
+                                 also_exclude=(calib_awq,) if awq_n else ())
     ev = Evaluator(info, eval_text_path(args.eval_text), max_chunks=args.eval_chunks)
-    res: dict = {"model": str(info.path), "calibration": calib.record(), "scheme": "W4 g128 symmetric, lm_head fp"}
 
-    grid = "int4_g128_sym_fp16"
-    rtn = run_stage(info, [Recipe(grids=(grid,), method="rtn", clip=False)], args.calibration, args.samples,
-                    args.seq_len, 0, sequential=False).results[0]
-    res["rtn_kld"] = ev.evaluate(canonical_overrides(rtn, decoder_only(grid)))["kld_mean"]
-    # our two W4G128-sym methods, each timed on a cold cache; the better one is "ours_best"
-    ours = {"gptq": Recipe(grids=(grid,), method="gptq"),
-            "awq+gptq": Recipe(grids=(grid,), transform="awq", method="gptq", awq_grid=grid)}
-    for name, recipe in ours.items():
+    class DevEvaluator(Evaluator):  # same model and scoring as ``ev``, on the dev chunks
+        def __init__(self, base: Evaluator, chunks):
+            self.info, self.model, self.original, self.chunks = base.info, base.model, base.original, chunks
+            self.base = base_logprobs(chunks, torch_logits_fn(self.model))
+
+    dv = DevEvaluator(ev, dev_ids)
+
+    def brief(s: dict) -> dict:
+        return {"kld": s["kld_mean"], "kld_p99": s["kld_p99"], "top1": s["top1_agreement"], "ppl_ratio": s["ppl_ratio"],
+                "tokens": int(s["n_tokens"])}
+
+    res: dict = {"model": str(info.path), "model_sha256": info.weights_sha256, "calibration": calib.record(),
+                 "calibration_awq_pairs": calib_awq.record(),
+                 "scheme": "W4 g128 symmetric, decoder linears only (lm_head and embeddings fp)",
+                 "dev_split": dev_rec, "eval": {"text": str(eval_text_path(args.eval_text)), "chunks": int(len(ev.chunks))},
+                 "load_average_start": load_start,
+                 "selection_rule": "every 'best' (peer settings, quantprism's best method) = lowest mean KLD on the dev "
+                                   "split; the eval text is scored only for the chosen ones"}
+
+    # ---- ours: every method timed on a cold cache, scored on dev and eval
+    ours: dict[str, dict] = {}
+    recipes = {"rtn": Recipe(grids=(GRID,), method="rtn", clip=False),
+               "gptq": Recipe(grids=(GRID,), method="gptq"),
+               "awq": Recipe(grids=(GRID,), transform="awq", method="rtn", awq_grid=GRID),
+               "awq+gptq": Recipe(grids=(GRID,), transform="awq", method="gptq", awq_grid=GRID)}
+    todo = [(n, args.samples) for n in recipes] + ([(n, awq_n) for n in ("awq", "awq+gptq")] if awq_n else [])
+    for name, n_samples in todo:
         t0 = time.time()
-        run = run_stage(info, [recipe], args.calibration, args.samples, args.seq_len, 0, sequential=True,
-                        cache_dir=Path(tempfile.mkdtemp()))
-        s = ev.evaluate(canonical_overrides(run.results[0], decoder_only(grid)))
-        res[f"ours_{name}_kld"], res[f"ours_{name}_top1"] = s["kld_mean"], s["top1_agreement"]
-        res[f"ours_{name}_seconds"] = round(time.time() - t0, 1)
-    best = min(ours, key=lambda n: res[f"ours_{n}_kld"])
-    res["ours_best_kld"], res["ours_top1"] = res[f"ours_{best}_kld"], res[f"ours_{best}_top1"]
-    res["ours_seconds"] = res[f"ours_{best}_seconds"]
-    res["ours_method"] = f"{best}: sequential, static-group act-order, clip search, damp 0.01"
+        with tempfile.TemporaryDirectory() as cache:
+            run = run_stage(info, [recipes[name]], args.calibration, n_samples, args.seq_len, 0,
+                            sequential=name != "rtn", cache_dir=Path(cache))
+        secs = round(time.time() - t0, 1)
+        ov = canonical_overrides(run.results[0], decoder_only(GRID))
+        key = name if n_samples == args.samples else f"{name}@{n_samples}"
+        ours[key] = {"method": OURS_DESC[name], "calibration_windows": n_samples, "seconds": secs,
+                     "dev_kld": dv.evaluate(ov)["kld_mean"], **brief(ev.evaluate(ov))}
+        print(f"ours {key:12s} dev {ours[key]['dev_kld']:.3e} eval {ours[key]['kld']:.3e} {secs} s", flush=True)
+    rtn_kld = ours["rtn"]["kld"]
+    best = min(("gptq", "awq", "awq+gptq"), key=lambda n: ours[n]["dev_kld"])
 
-    py = ensure_venv()
-    with tempfile.TemporaryDirectory() as td:
-        cal = Path(td) / "calib.safetensors"
-        save_file({"input_ids": torch.from_numpy(calib.input_ids).to(torch.int64)}, str(cal))
-        for peer in args.peers.split(","):
-            out = Path(td) / f"{peer}.safetensors"
-            r = subprocess.run([str(py), str(HERE / "peers_worker.py"), peer, str(info.path), str(cal), str(out)],
+    # ---- peers, in their own venv: all settings in one worker process, scored on dev; chosen ones on eval
+    peers = [p for p in args.peers.split(",") if p]
+    jobs = []
+    if "llmcompressor" in peers:
+        for method, settings in LLMC_SETTINGS.items():
+            settings = settings + ([AWQ_SWEEP[method]] if args.llmc_awq_sweep and method in AWQ_SWEEP else [])
+            jobs += [{"peer": "llmcompressor", "method": method, "settings": s,
+                      **({"calibration_windows": awq_n} if awq_n and method in AWQ_SWEEP else {})} for s in settings]
+    if "autoround" in peers:
+        jobs += [{"peer": "autoround", "method": "signround", "settings": {"iters": int(i)}}
+                 for i in args.autoround_iters.split(",")]
+    peer_runs: dict = {}
+    if jobs:
+        py = ensure_venv()
+        with tempfile.TemporaryDirectory() as td:
+            cal = Path(td) / "calib.safetensors"
+            save_file({"input_ids": torch.from_numpy(calib.input_ids).to(torch.int64)}, str(cal))
+            cal_awq = Path(td) / "calib-awq.safetensors"
+            save_file({"input_ids": torch.from_numpy(calib_awq.input_ids).to(torch.int64)}, str(cal_awq))
+            for j in jobs:
+                if j.get("calibration_windows"):
+                    j["calibration"] = str(cal_awq)
+                j["name"] = setting_name(j["peer"], j["method"], j["settings"])
+                j["out"] = str(Path(td) / (j["name"].replace(":", "_").replace(",", "_").replace("=", "-") + ".safetensors"))
+            spec = {"model": str(info.path), "calibration": str(cal), "results": str(Path(td) / "results.json"), "jobs": jobs}
+            (Path(td) / "jobs.json").write_text(json.dumps(spec))
+            r = subprocess.run([str(py), str(HERE / "peers_worker.py"), str(Path(td) / "jobs.json")], cwd=td,
                                capture_output=True, text=True)
-            key = "llmcompressor_gptq" if peer == "llmcompressor" else "autoround"
-            if r.returncode != 0:
-                res[f"{key}_error"] = r.stderr.strip().splitlines()[-1][:300] if r.stderr.strip() else f"exit {r.returncode}"
-                continue
-            meta = json.loads(r.stdout.strip().splitlines()[-1])
-            s = ev.evaluate(load_file(str(out)))
-            res[f"{key}_kld"], res[f"{key}_top1"], res[f"{key}_seconds"] = s["kld_mean"], s["top1_agreement"], meta["seconds"]
-    for key in ("llmcompressor_gptq", "autoround"):
-        if f"{key}_kld" in res:
-            res[f"ours_over_{key}"] = res["ours_best_kld"] / res[f"{key}_kld"]
-            res[f"{key}_over_rtn"] = res[f"{key}_kld"] / res["rtn_kld"]
-    res["ours_over_rtn"] = res["ours_best_kld"] / res["rtn_kld"]
-    res["eval_tokens"] = s["n_tokens"]
+            if not Path(spec["results"]).is_file():
+                raise SystemExit(f"peers worker failed (exit {r.returncode}): {r.stderr.strip()[-1500:]}")
+            wr = json.loads(Path(spec["results"]).read_text())
+            res["peer_env"] = {"python": str(py), "versions": wr["versions"], "torch_seed": wr["torch_seed"],
+                               "autoround_seed": wr["autoround_seed"]}
+            for name, rec in wr["jobs"].items():
+                if "error" in rec:
+                    peer_runs[name] = rec
+                    print(f"peer {name}: ERROR {rec['error']}", flush=True)
+                    continue
+                w = load_file(rec["out"])
+                rec = {k: v for k, v in rec.items() if k not in ("out", "traceback")}
+                rec["dev_kld"] = dv.evaluate(w)["kld_mean"]
+                rec["_weights"] = w
+                peer_runs[name] = rec
+                print(f"peer {name}: dev {rec['dev_kld']:.3e} {rec['seconds']} s grid {rec['grid_check']}", flush=True)
+
+    def choose(peer: str, method: str) -> dict | None:
+        cands = {n: r for n, r in peer_runs.items() if r["peer"] == peer and r["method"] == method}
+        ok = {n: r for n, r in cands.items() if "error" not in r and r["grid_check"]["on_4bit_grid"]}
+        if not ok:
+            return {"error": "; ".join(f"{n}: {r.get('error', 'not on a 4-bit grid')}" for n, r in cands.items())} if cands else None
+        pick = min(ok, key=lambda n: ok[n]["dev_kld"])
+        r = ok[pick]
+        out = {"setting": pick, "settings": r["settings"], "seconds": r["seconds"], "dev_kld": r["dev_kld"],
+               **brief(ev.evaluate(r["_weights"])), "grid_check": r["grid_check"],
+               "why": f"lowest dev KLD of {len(ok)} setting(s)",
+               "candidates": {n: ({"dev_kld": c["dev_kld"], "seconds": c["seconds"]} if "error" not in c else {"error": c["error"]})
+                              for n, c in cands.items()}}
+        out["kld_over_rtn"] = out["kld"] / rtn_kld
+        return out
+
+    ver = res.get("peer_env", {}).get("versions", {})
+    rows = []
+    for method in ("rtn", "gptq", "awq", "awq+gptq"):
+        peer = choose("llmcompressor", method) if "llmcompressor" in peers else None
+        reduced = bool(awq_n) and method in AWQ_SWEEP
+        o = dict(ours[f"{method}@{awq_n}" if reduced else method], kld_over_rtn=ours[method]["kld"] / rtn_kld)
+        row = {"method": method, "calibration_windows": awq_n if reduced else args.samples, "ours": o,
+               "same_method_peer": f"llm-compressor {ver.get('llmcompressor')} {LLMC_NAMES[method]}" if peer else None,
+               "peer": peer}
+        if reduced:
+            row["note"] = (f"reduced configuration: both sides calibrated on the same {awq_n} windows (llm-compressor's AWQ "
+                           "grid search is too slow here for 128); kld_over_rtn divides by RTN at full calibration")
+            row["ours_at_full_calibration"] = ours[method]
+        if peer and "kld" in peer:
+            row["ratio_vs_same_method"] = o["kld"] / peer["kld"]  # ours KLD ÷ peer KLD (eval text); < 1 = ours better
+            row["dev_ratio_vs_same_method"] = o["dev_kld"] / peer["dev_kld"]
+        rows.append(row)
+    ar = choose("autoround", "signround") if "autoround" in peers else None
+    if ar:
+        ob = dict(ours[best], kld_over_rtn=ours[best]["kld"] / rtn_kld)
+        row = {"method": "autoround (SignRound)", "ours": None, "same_method_peer": None,
+               "note": "quantprism has no SignRound; compared with quantprism's best method (chosen on dev)",
+               "peer": dict(ar, name=f"auto-round {ver.get('auto-round')} AutoRound W4G128 sym"),
+               "ours_best": dict(ob, name=best)}
+        if "kld" in ar:
+            row["ratio_ours_best_vs_peer"] = ob["kld"] / ar["kld"]
+            row["dev_ratio_ours_best_vs_peer"] = ob["dev_kld"] / ar["dev_kld"]
+        rows.append(row)
+    res["rows"] = rows
+    res["ours_best"] = {"method": best, "why": "lowest dev KLD among gptq, awq, awq+gptq",
+                        "dev_kld": {n: ours[n]["dev_kld"] for n in ("gptq", "awq", "awq+gptq")},
+                        "kld": ours[best]["kld"], "top1": ours[best]["top1"], "seconds": ours[best]["seconds"]}
+    chosen_peers = {r["same_method_peer"] or r["peer"].get("name"): r["peer"] for r in rows
+                    if r.get("peer") and "kld" in r["peer"] and r.get("calibration_windows", args.samples) == args.samples}
+    if chosen_peers:
+        bp = min(chosen_peers, key=lambda n: chosen_peers[n]["dev_kld"])
+        res["best_peer"] = {"peer": bp, "setting": chosen_peers[bp]["setting"],
+                            "why": f"lowest dev KLD among the peers' chosen settings calibrated on all {args.samples} windows",
+                            "kld": chosen_peers[bp]["kld"], "dev_kld": chosen_peers[bp]["dev_kld"],
+                            "ours_best_over_best_peer": ours[best]["kld"] / chosen_peers[bp]["kld"]}
+    g = next(r for r in rows if r["method"] == "gptq")
+    res["headline"] = {"ours_gptq_kld_over_llmcompressor_gptq_kld": g.get("ratio_vs_same_method"),
+                       "same_method_ratios": {r["method"]: r.get("ratio_vs_same_method") for r in rows if r["ours"]},
+                       "ours_best_over_autoround": ar and ar.get("kld") and ours[best]["kld"] / ar["kld"]}
+    res["rtn_kld"] = rtn_kld
+    res["eval_tokens"] = ours["rtn"]["tokens"]
+    res["dev_tokens"] = int(dv.base.q.shape[0]) if hasattr(dv.base, "q") else None
+    res["seconds"] = round(time.time() - t_all, 1)
+    res["load_average_end"] = [round(x, 2) for x in os.getloadavg()]  # the 2 cores were shared: seconds are indicative
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")
-    print(json.dumps(res, indent=2))
+    print(json.dumps(res["headline"], indent=2))
 
 
 if __name__ == "__main__":

@@ -51,7 +51,8 @@ def memory_bandwidth(threads: int, mib: int = 1024, repeats: int = 5) -> dict:
     """Measured memory-copy bandwidth of this machine (torch copy_, ``threads`` threads, best of ``repeats``).
 
     copy_gb_s counts bytes read + bytes written per second (STREAM 'copy' convention); read_gb_s is a
-    pure streaming read (a sum). Arrays are far larger than any cache.
+    pure streaming read (a sum) — the one a decode-speed bound uses (``decode_bound_tok_s``). Arrays are far
+    larger than any cache.
     """
     import time
 
@@ -76,6 +77,13 @@ def memory_bandwidth(threads: int, mib: int = 1024, repeats: int = 5) -> dict:
     nbytes = n * 4
     return {"copy_gb_s": round(2 * nbytes / min(copy) / 1e9, 2), "read_gb_s": round(nbytes / min(read) / 1e9, 2),
             "threads": threads, "array_mib": mib}
+
+
+def decode_bound_tok_s(bandwidth: dict, bytes_per_token: int) -> float:
+    """Memory-bandwidth bound on decode tok/s: a decode step streams every weight and the KV cache from memory once
+    and writes next to nothing, so the bound is the measured READ bandwidth (``read_gb_s``) ÷ bytes read per step —
+    not the copy bandwidth, which counts the read and the write traffic of a copy."""
+    return bandwidth["read_gb_s"] * 1e9 / bytes_per_token
 
 
 def decode_bytes_per_token(tensor_bytes: dict[str, int], kv_bytes_per_position: int, position: int) -> int:
