@@ -28,7 +28,13 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_repo_targets_file_has_the_default_targets():
     tf = parse_targets(REPO / "targets.toml")
-    assert list(tf.targets) == ["llamacpp-cpu-q4km", "vllm-gptq-w4g128", "vllm-awq-w4g128", "onnx-cpu-int8", "onnx-cpu-int4"]
+    assert list(tf.targets) == ["llamacpp-cpu-q4km", "vllm-gptq-w4g128", "vllm-awq-w4g128", "onnx-cpu-int8", "onnx-cpu-int4",
+                                "onnx-genai-cpu-int4"]
+    from quantprism.config import SIZE_GATES
+
+    for t in tf.targets.values():  # an export that left its weights in floating point must fail a gate
+        assert any(g in t.gates for g in SIZE_GATES), t.name
+        assert "min_decode_tok_s" not in t.gates, t.name  # absolute speed differs by machine: ratios only
     q4 = tf.targets["llamacpp-cpu-q4km"]
     assert (q4.format, q4.runtime, q4.quant) == ("gguf", "llamacpp", "Q4_K_M")
     g = tf.targets["vllm-gptq-w4g128"]
