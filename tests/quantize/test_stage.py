@@ -113,7 +113,7 @@ def test_one_pass_serves_all_default_targets(bundled):
     info, calib = bundled
     tf = parse_targets(REPO / "targets.toml")
     recipes, index = plan_recipes(list(tf.targets.values()))
-    assert len(index) == 5 and len(recipes) == 2  # GGUF/GPTQ/ONNX share one recipe, AWQ has its own
+    assert len(index) == 6 and len(recipes) == 2  # GGUF/GPTQ/ONNX/GenAI share one recipe, AWQ has its own
     small = calib.input_ids[:2, :64]
     counts = []
     for rs in ([recipes[0]], recipes):
