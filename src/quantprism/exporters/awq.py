@@ -66,11 +66,8 @@ class AWQFormat(VLLMFormat):
     def grid_needs(self, t: Target) -> GridNeeds:
         return GridNeeds((int_grid(4, t.group_size, False, "fp16"),))
 
-    def pack_module(self, qt: QuantizedTensor, name: str = "") -> dict[str, np.ndarray]:
-        return pack_module(qt, name)
-
-    def quantization_config(self, spec: ExportSpec, mp: ModulePlan) -> dict:
-        return quantization_config(spec, mp)
+    pack_module = staticmethod(pack_module)
+    quantization_config = staticmethod(quantization_config)
 
 
 FORMAT = AWQFormat()
