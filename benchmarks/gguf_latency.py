@@ -25,8 +25,9 @@ FILE_TYPES = ("F16", "Q8_0", "Q4_K_M")
 
 
 def child(path: Path, threads: int, prompt_len: int, decode: int, repeats: int) -> dict:
+    from bandwidth import measure_artifact
+
     from quantprism.calibration import BUILTIN_EVAL
-    from quantprism.runtimes.latency import measure_artifact
     from quantprism.runtimes.llamacpp import open_session
 
     text = BUILTIN_EVAL.read_text(encoding="utf-8")[:20000]
@@ -110,7 +111,7 @@ def main() -> None:
     if args.out is None:
         ap.error("--out is required")
 
-    from quantprism.runtimes.latency import decode_bound_tok_s, decode_bytes_per_token, memory_bandwidth
+    from bandwidth import decode_bound_tok_s, decode_bytes_per_token, memory_bandwidth
 
     args.work.mkdir(parents=True, exist_ok=True)
     sets = {"bundled": bundled_artifacts(args.work)}

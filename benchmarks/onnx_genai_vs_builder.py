@@ -2,7 +2,7 @@
 builder's own int4 / int8 graphs and against our dynamo-graph ``onnx`` target, on the same model.
 
     python benchmarks/onnx_genai_vs_builder.py --out benchmarks/results/onnx_genai_vs_builder.json \
-        [--model DIR] [--calibration FILE] [--eval-text FILE] [--rounds 9]
+        [--model DIR] [--calibration FILE] [--eval-text FILE] [--rounds 30]
 
 Rows (lm_head fp32 in every row, MatMulNBits block 32, accuracy_level 4 everywhere):
 - ours_genai_nbits4 / _nbits8: ``exporters.onnx_genai`` (builder fp32 graph of the canonical weights, every decoder
@@ -12,11 +12,13 @@ Rows (lm_head fp32 in every row, MatMulNBits block 32, accuracy_level 4 everywhe
   /lm_head/MatMul, shared_embeddings=false); ``_fused`` adds fuse_mlp_gate_up=true (our graph's fusion). Run in
   onnxruntime-genai.
 - ours_onnx_nbits4 / _nbits8: our dynamo-graph ``onnx`` target from the same codes, run in our ONNX Runtime adapter.
+- ours_genai_nbits8_acc1: ours_genai_nbits8 with MatMulNBits accuracy_level 1 (fp32 activations): shows where the 8-bit
+  KLD comes from (int8 activation rounding at level 4, the same in every level-4 row) and what removing it costs.
 
 Quality: KLD / top-1 vs the torch original on the same evaluation chunks (16 × 512 tokens, quantprism.evaluate.compare).
 Speed: runtimes.latency.measure style — 2 threads, a 128-token prompt (the first eval chunk), 32 greedy tokens, 5
-repeats after a warm-up — run in ``--rounds`` interleaved rounds (every row once per round, order rotated) because
-the cores are shared; decode tok/s p50 = 1 / median of all rounds' per-token latencies. Goal stated by the issue:
+repeats per round after one warm-up, in ``--rounds`` interleaved rounds (every row once per round, order rotated,
+every session held open throughout) because the cores are shared; decode tok/s p50 = 1 / median of all rounds' per-token latencies. Goal stated by the issue:
 onnx-genai decode ≥ 1.0× the builder's own graph of the same bit width at ≤ 0.5× its KLD.
 """
 from __future__ import annotations
@@ -84,7 +86,7 @@ def main() -> None:
     ap.set_defaults(eval_chunks=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--method", default="gptq", help="canonical method for ours")
-    ap.add_argument("--rounds", type=int, default=9, help="interleaved speed rounds (shared cores)")
+    ap.add_argument("--rounds", type=int, default=30, help="interleaved speed rounds (shared cores)")
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".work" / "onnx_genai")
     args = ap.parse_args()
 
@@ -130,6 +132,12 @@ def main() -> None:
         t0 = time.time()
         paths[f"ours_onnx_{q}"] = ("onnxruntime", export_onnx(t, info, res, w / f"ours-onnx-{q}-{msha[:16]}"))
         secs[f"export_ours_onnx_{q}"] = round(time.time() - t0, 1)
+    t0 = time.time()
+    gt8 = Target(name="genai-nbits8-acc1", format="onnx-genai", runtime="onnxruntime-genai", quant="nbits8", group_size=32,
+                 method=args.method)
+    paths["ours_genai_nbits8_acc1"] = ("onnxruntime-genai", export_onnx_genai(
+        gt8, info, run.results[index[onnx_t["nbits8"].name]], w / f"ours-genai-nbits8-acc1-{msha[:16]}", accuracy_level=1))
+    secs["export_ours_genai_nbits8_acc1"] = round(time.time() - t0, 1)
     for name, (prec, opts) in BUILDER_ROWS.items():
         key = settings_key(model_sha256=msha, precision=prec, options=opts, genai=vers["onnxruntime-genai"])
         t0 = time.time()
@@ -171,22 +179,26 @@ def main() -> None:
     per_round: dict[str, list[float]] = {n: [] for n in paths}
     order = list(paths)
     t0 = time.time()
-    for r in range(args.rounds):
-        for name in order[r % len(order):] + order[: r % len(order)]:
-            s = open_row(name)
-            try:  # runtimes.latency.measure's protocol, keeping the raw per-token latencies for pooling
-                s.timed_generate(prompt, 32, stop_at_eos=False)  # warm-up
+    # every session held open for the whole measurement (no re-open between rounds: a fresh session's first steps and
+    # allocator state would be measured instead of the kernels), rounds interleaved with the order rotated
+    sessions = {name: open_row(name) for name in order}
+    try:
+        for s in sessions.values():
+            s.timed_generate(prompt, 32, stop_at_eos=False)  # warm-up
+        for r in range(args.rounds):
+            for name in order[r % len(order):] + order[: r % len(order)]:
                 lat_r = []
                 for _ in range(5):
-                    toks, tt, per = s.timed_generate(prompt, 32, stop_at_eos=False)
+                    toks, tt, per = sessions[name].timed_generate(prompt, 32, stop_at_eos=False)
                     assert len(toks) == 32
                     ttft[name].append(tt)
                     lat_r.extend(per)
                 lat[name].extend(lat_r)
                 per_round[name].append(round(1.0 / float(np.median(lat_r)), 1))
-            finally:
-                s.close()
-        print(f"speed round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {per_round[n][-1]:.0f}" for n in order), flush=True)
+            print(f"speed round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {per_round[n][-1]:.0f}" for n in order), flush=True)
+    finally:
+        for s in sessions.values():
+            s.close()
     secs["speed"] = round(time.time() - t0, 1)
     for name in paths:
         a = np.asarray(lat[name])
@@ -210,6 +222,11 @@ def main() -> None:
             goals[f"{ours}_vs_{b}"] = {"decode_ratio": round(dec, 3), "decode_ratio_best_round": round(best, 3),
                                        "kld_ratio": round(kld, 4), "decode_goal_met": dec >= 1.0, "kld_goal_met": kld <= 0.5,
                                        "same_ops": rows[ours]["ops"] == rows[b]["ops"]}
+        if q == "nbits8":
+            b = "builder_int8"
+            goals["ours_genai_nbits8_acc1_vs_builder_int8"] = {
+                "decode_ratio": round(ratio("ours_genai_nbits8_acc1", b, "decode_tok_s_p50"), 3),
+                "kld_ratio": round(ratio("ours_genai_nbits8_acc1", b, "kld"), 4)}
         goals[f"{ours}_vs_ours_onnx_{q}"] = {"decode_ratio": round(ratio(ours, f"ours_onnx_{q}", "decode_tok_s_p50"), 3),
                                              "kld_ratio": round(ratio(ours, f"ours_onnx_{q}", "kld"), 4)}
     out = {
@@ -217,8 +234,8 @@ def main() -> None:
         "eval": {"text": str(eval_text_path(args.eval_text)), "chunks": int(len(chunks)), "chunk_tokens": 512,
                  "scored_tokens": rows["ours_genai_nbits4"]["eval_tokens"]},
         "speed_protocol": {"threads": args.threads, "prompt_tokens": len(prompt), "decode_tokens": 32, "repeats": 5,
-                           "warmup": 1, "rounds": args.rounds, "note": "rounds interleaved (shared cores); p50 over all "
-                           "rounds' per-token latencies; genai rows in onnxruntime-genai's Generator, onnx rows in the "
+                           "warmup": 1, "rounds": args.rounds, "note": "sessions open for the whole measurement, rounds "
+                           "interleaved (shared cores); p50 over all rounds' per-token latencies; genai rows in onnxruntime-genai's Generator, onnx rows in the "
                            "ORT adapter"},
         "versions": vers, "rows": rows,
         "goal": "onnx-genai decode tok/s >= 1.0x the builder's own graph of the same bit width at <= 0.5x its KLD",

@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def child(path: Path, threads: int, prompt_len: int, decode: int, repeats: int, dtype: str) -> dict:
+    from bandwidth import measure_artifact
+
     from quantprism.calibration import BUILTIN_EVAL
-    from quantprism.runtimes.latency import measure_artifact
     from quantprism.runtimes.vllm import open_session
 
     text = BUILTIN_EVAL.read_text(encoding="utf-8")[:20000]

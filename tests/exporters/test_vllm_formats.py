@@ -21,11 +21,11 @@ from safetensors.torch import load_file
 from quantprism.config import Target
 from quantprism.errors import ArtifactError
 from quantprism.evaluate.canonical import canonical_overrides
-from quantprism.exporters import awq, gptq
+from quantprism.exporters import awq, gptq, reference_choice
 from quantprism.exporters import compressed_tensors as ct
 from quantprism.exporters.grids import grid_needs
 from quantprism.exporters.intpack import pack_int32
-from quantprism.exporters.vllm import EXPORT_RECORD, export_vllm, reference_choice
+from quantprism.exporters.vllm import EXPORT_RECORD, export_vllm
 from quantprism.exporters.vllm_plan import module_plan
 from quantprism.model import load_model_info
 from quantprism.pipeline import plan_recipes, run_stage
@@ -112,7 +112,7 @@ def test_oracle_reproduces_canonical_weights(staged, tmp_path, family, name):
     t, res = TARGETS[name], results[name]
     out = export_vllm(t, info, res, tmp_path / name)
     choose = main_grid(res, name)
-    assert reference_choice(t, res)("model.layers.0.mlp.up_proj") == choose("model.layers.0.mlp.up_proj")
+    assert reference_choice(t, info, res)("model.layers.0.mlp.up_proj") == choose("model.layers.0.mlp.up_proj")
     labels = check_oracle(out, info, res, choose)
     kind = {"gptq": "gptq-int4", "awq": "awq-int4", "w8a8": "int-quantized-int8"}.get(name, "pack-quantized-int4")
     assert set(labels.values()) == {kind}
@@ -245,7 +245,7 @@ def test_compressed_tensors_library_decompresses_to_canonical(staged, tmp_path, 
     cases.append((gpu, results["ct-sym"], plan))  # a second, 8-bit config group
     for t, res, p in cases:
         out = export_vllm(t, info, res, tmp_path / t.name, p)
-        assert ct_library_check(out, res, reference_choice(t, res, p)) == 7 * info.n_layers
+        assert ct_library_check(out, res, reference_choice(t, info, res, p)) == 7 * info.n_layers
 
 
 @pytest.mark.parametrize("quant, gs, sym", [("W4A16", 32, True), ("W4A16", -1, False), ("W4A16", -1, True),
@@ -281,7 +281,7 @@ def test_plan_protects_whole_fused_groups(staged, tmp_path, name, hardware, labe
     mp = module_plan(t, res, plan)
     assert set(mp.protected) == PLAN_EXPANDED and mp.requested == tuple(PLAN_PROTECT)
     out = export_vllm(t, info, res, tmp_path / name, plan)
-    choose = reference_choice(t, res, plan)
+    choose = reference_choice(t, info, res, plan)
     labels = check_oracle(out, info, res, choose)
     assert {m for m, lab in labels.items() if lab == label} == PLAN_EXPANDED
     assert all(labels[m] != label for m in labels if m not in PLAN_EXPANDED)
@@ -303,7 +303,7 @@ def test_real_plan_from_sensitivity_exports(staged, tmp_path):
     plan = target_plan(t, results["gptq"])
     assert plan and len(plan["protected"]) == 1
     out = export_vllm(t, info, results["gptq"], tmp_path / "g", plan)
-    labels = check_oracle(out, info, results["gptq"], reference_choice(t, results["gptq"], plan))
+    labels = check_oracle(out, info, results["gptq"], reference_choice(t, info, results["gptq"], plan))
     fp = {m for m, lab in labels.items() if lab == "fp"}
     assert plan["protected"][0] in fp and len(fp) in (1, 2, 3)
 
@@ -333,7 +333,7 @@ def test_layer_1_rules_do_not_catch_layers_10_and_11(deep, tmp_path, fmt):
          "ct-sym": Target(name="c", format="compressed-tensors", runtime="vllm", quant="W4A16", group_size=64)}[fmt]
     plan = {"grid": "x", "high_grid": "int8_g64_sym_fp16", "protected": ["model.layers.1.mlp.down_proj"]}
     out = export_vllm(t, info, res, tmp_path / fmt, plan)
-    labels = check_oracle(out, info, res, reference_choice(t, res, plan))
+    labels = check_oracle(out, info, res, reference_choice(t, info, res, plan))
     assert [m for m, lab in labels.items() if lab == "fp"] == ["model.layers.1.mlp.down_proj"]
 
 

@@ -33,11 +33,12 @@ def nbits8(tmp_path_factory):
 
 
 def _canonical_torch(info, target, res):
-    from quantprism.exporters.onnx import chosen_grids, module_choice
+    from quantprism.exporters import reference_choice
+    from quantprism.exporters.onnx import chosen_grids
     from quantprism.exporters.state import canonical_weights, load_weights
 
     model = load_torch_model(info)
-    grids = chosen_grids(res, module_choice(target, res))
+    grids = chosen_grids(res, reference_choice(target, info, res))
     load_weights(model, canonical_weights(info, res, grids.get))
     return model, grids
 

@@ -52,9 +52,9 @@ def exported(canonical, tmp_path_factory):
 def _expected_weights(info, t, res) -> dict[str, np.ndarray]:
     """What the fused graph's integer MatMuls must compute with, from the canonical result alone: per layer the
     q|k|v rows and the gate|up rows stacked, o_proj and down_proj as they are (module choice of the ONNX target)."""
-    from quantprism.exporters.onnx import module_choice
+    from quantprism.exporters import reference_choice
 
-    choose = module_choice(t, res)
+    choose = reference_choice(t, info, res)
     deq = lambda m: res.quant[m][choose(m)].dequantize()  # noqa: E731
     out = {}
     for i in range(info.n_layers):
@@ -103,11 +103,11 @@ def test_every_matmulnbits_decodes_to_the_canonical_weights(canonical, exported,
 
 
 def _canonical_torch(info, t, res):
-    from quantprism.exporters.onnx import module_choice
+    from quantprism.exporters import reference_choice
     from quantprism.exporters.state import canonical_weights, load_weights
 
     model = load_torch_model(info)
-    load_weights(model, canonical_weights(info, res, module_choice(t, res)))
+    load_weights(model, canonical_weights(info, res, reference_choice(t, info, res)))
     return model
 
 
@@ -183,9 +183,9 @@ def test_mixed_grid_fused_group_is_refused(canonical, tmp_path, protect):
     info, results = canonical
     t, res = results["nbits4"]
     high = results["nbits8"][0]
-    from quantprism.exporters.onnx import module_choice
+    from quantprism.exporters import reference_choice
 
-    high_grid = module_choice(high, results["nbits8"][1])("model.layers.0.mlp.down_proj")
+    high_grid = reference_choice(high, info, results["nbits8"][1])("model.layers.0.mlp.down_proj")
     assert high_grid in res.quant[f"model.layers.1.{protect}"]  # one recipe solved both grids
     plan = {"protected": [f"model.layers.1.{protect}"], "high_grid": high_grid}
     with pytest.raises(ArtifactError) as e:

@@ -120,13 +120,14 @@ def test_smoke_each_format_in_real_vllm(canonical, fmt):
     runs natively (CPUInt8ScaledMMLinearKernel); its reference applies the same per-token int8 activation rounding."""
     from quantprism.evaluate.canonical import canonical_overrides
     from quantprism.evaluate.runtime_arith import int8_activation_hooks
-    from quantprism.exporters.vllm import export_vllm, reference_choice
+    from quantprism.exporters import reference_choice
+    from quantprism.exporters.vllm import export_vllm
 
     info, targets, results, root = canonical
     t, res = targets[fmt], results[fmt]
     path = export_vllm(t, info, res, root / fmt, dtype="float16")
     model = load_torch_model(info)
-    choose = reference_choice(t, res)
+    choose = reference_choice(t, info, res)
     sd = model.state_dict()
     sd.update({k: v.to(sd[k].dtype).reshape(sd[k].shape) for k, v in canonical_overrides(res, choose).items() if k in sd})
     model.load_state_dict(sd)

@@ -86,17 +86,9 @@ def inspect_cmd(path: str | None, targets_file: Path | None, calibration: str | 
 
 
 def _load_targets(targets_file: Path, model: str | None):
-    from ..config import check_target_against_model, parse_targets
-    from ..errors import ConfigError
-    from ..model import load_model_info
+    from ..pipeline.commands import load_targets
 
-    tf = parse_targets(targets_file)
-    info = load_model_info(model or tf.defaults.model)
-    for t in tf.targets.values():
-        why = check_target_against_model(t, info.linear_shapes)
-        if why:
-            raise ConfigError(f"{targets_file}: [target.{t.name}] cannot be built for {info.path}: {why}")
-    return tf, info
+    return load_targets(targets_file, model)
 
 
 @cli.command("quantize", epilog="Example:  quantprism quantize --targets targets.toml --only vllm-gptq-w4g128 --out build/canonical")
@@ -116,45 +108,29 @@ def quantize_cmd(targets_file: Path, only: tuple[str, ...], model: str | None, c
     Results are cached by content (model, calibration, recipe); a re-run is a cache hit, and an
     interrupted run starts again without trusting partial files.
     """
-    import shutil
-
     from rich.progress import Progress
     from rich.table import Table
 
-    from ..manifest import write_json_atomic
-    from ..pipeline import plan_recipes, run_stage, target_plan, targets_of
+    from ..pipeline.commands import quantize
 
     tf, info = _load_targets(targets_file, model)
-    d = tf.defaults
-    targets = targets_of(tf, list(only))
-    recipes, index = plan_recipes(targets)
-    if not recipes:
+    with Progress(transient=True) as prog:
+        task = prog.add_task("canonical pass", total=None)
+        q = quantize(tf, info, list(only), calibration, samples, seq_len, sequential=not fp_inputs, out=out,
+                     cache_dir=cache_dir, progress=lambda mod, li, n: prog.advance(task))
+    if q.run is None:
         click.echo("nothing to quantize for these targets")
         return
-    with Progress(transient=True) as prog:
-        task = prog.add_task("canonical pass", total=info.n_layers * 7 * len(recipes))
-        run = run_stage(info, recipes, calibration or d.calibration, samples or d.samples, seq_len or d.seq_len,
-                        d.seed, sequential=not fp_inputs, cache_dir=cache_dir,
-                        progress=lambda mod, li, n: prog.advance(task))
-    table = Table(title=f"canonical results (calibration {run.calibration.sha256[:12]}…)")
+    table = Table(title=f"canonical results (calibration {q.run.calibration.sha256[:12]}…)")
     for col in ("recipe", "targets", "transform", "method", "grids", "cache", "path"):
         table.add_column(col)
-    for i, (r, p, hit) in enumerate(zip(recipes, run.paths, run.cache_hits, strict=True)):
-        names = ", ".join(n for n, j in index.items() if j == i)
-        dest = p
-        if out is not None:
-            dest = out / p.name
-            if dest.exists():
-                shutil.rmtree(dest)
-            shutil.copytree(p, dest)
-        table.add_row(r.key(), names, r.transform, r.method, " ".join(r.grids), "hit" if hit else "new", str(dest))
+    for r in q.rows:
+        table.add_row(r["recipe"], ", ".join(r["targets"]), r["transform"], r["method"], " ".join(r["grids"]), r["cache"],
+                      str(r["path"]))
     _console().print(table)
-    plans = {t.name: p for t in targets if (p := target_plan(t, run.results[index[t.name]])) is not None}
-    for name, p in plans.items():
+    for name, p in q.plans.items():
         click.echo(f"mixed precision {name}: {len(p['protected'])} tensors on {p['high_grid']} "
                    f"({p['bits_per_weight']:.3f} bits/weight): {', '.join(p['protected'])}")
-    if out is not None and plans:
-        write_json_atomic(out / "plans.json", plans)
 
 
 @cli.command("eval", epilog="Example:  quantprism eval ~/.cache/quantprism/canonical/3f2a… --grid int4_g128_sym_fp16")
@@ -173,23 +149,10 @@ def eval_cmd(canonical: Path, grid: str | None, model: str | None, eval_text: st
     """
     from rich.table import Table
 
-    from ..calibration import eval_text_path
-    from ..errors import ConfigError
-    from ..evaluate.canonical import Evaluator, canonical_overrides
     from ..manifest import write_json_atomic
-    from ..model import load_model_info
-    from ..quantize import store
+    from ..pipeline.commands import evaluate_canonical
 
-    res, prov = store.load(canonical)
-    gid = grid or res.recipe.grids[0]
-    solved = {g for grids in res.quant.values() for g in grids}
-    if gid not in solved:
-        raise ConfigError(f"{canonical}: grid {gid!r} was not solved; available: {', '.join(sorted(solved))}")
-    info = load_model_info(model or prov.get("model"))
-    if prov.get("model_sha256") and prov["model_sha256"] != info.weights_sha256:
-        raise ConfigError(f"{info.path}: weights differ from the model this result was made from; pass --model")
-    ev = Evaluator(info, eval_text_path(eval_text), max_chunks=chunks)
-    s = ev.evaluate(canonical_overrides(res, lambda mod: gid))
+    gid, s = evaluate_canonical(canonical, grid, model, eval_text, chunks)
     table = Table(title=f"{canonical.name} · {gid} vs original ({s['n_tokens']} tokens)")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -210,24 +173,11 @@ def validate_cmd(artifact: Path, threads: int | None) -> None:
     checkpoint directory with a quantization_config → vLLM. A malformed, truncated or incomplete artifact
     (e.g. a missing external-data file) is one line on stderr and exit 2.
     """
-    from ..errors import ArtifactError
-    from ..exporters import FORMATS
-    from ..runtimes import RUNTIMES, open_runtime
+    from ..pipeline.commands import validate_artifact
 
-    artifact = Path(artifact)
-    fmt = next((FORMATS[n] for n in FORMATS if FORMATS[n].recognize(artifact)), None)
-    if fmt is None:
-        raise ArtifactError(f"{artifact}: unknown artifact type; validate takes a .gguf file, a .onnx file or an HF "
-                            "checkpoint directory with a quantization_config")
-    runtime = fmt.runtimes[0]
-    sess = open_runtime(runtime, artifact, threads, n_ctx=256)  # the session checks the structure first
-    try:
-        out = sess.generate([0] + sess.tokenize("def main():"), 16)
-        facts = sess.describe() if hasattr(sess, "describe") else fmt.label
-    finally:
-        sess.close()
-    click.echo(f"{artifact}: {facts}, loads in {RUNTIMES[runtime].label} (kernel {sess.kernel}), generated {len(out)} "
-               f"tokens with {sess.threads} threads")
+    v = validate_artifact(artifact, threads)
+    click.echo(f"{v['artifact']}: {v['facts']}, loads in {v['runtime']} (kernel {v['kernel']}), generated {v['generated']} "
+               f"tokens with {v['threads']} threads")
 
 
 @cli.command("build", epilog="Example:  quantprism build --targets targets.toml --out build/ --only llamacpp-cpu-q4km")
@@ -281,22 +231,8 @@ def build_cmd(targets_file: Path, only: tuple[str, ...], out: Path, skip_bench: 
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Where to write report.md/html (default: beside RESULTS).")
 def report_cmd(results: Path, baseline: Path | None, out: Path | None) -> None:
     """Re-render a build's reports, with deltas against a previous build (regressions marked ⚠)."""
-    import json
-
-    from ..errors import ConfigError
     from ..report.render import render_md, write_reports
-    from ..report.results import SCHEMA
-
-    def load(p: Path) -> dict:
-        try:
-            doc = json.loads(Path(p).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{p}: no such results file") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{p}: not a results.json ({e})") from None
-        if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
-            raise ConfigError(f"{p}: not a quantprism build results file (schema {SCHEMA} expected)")
-        return doc
+    from ..report.results import load_results as load
 
     doc = load(results)
     base = load(baseline) if baseline else None

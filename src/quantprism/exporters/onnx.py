@@ -33,7 +33,7 @@ from ..model import ModelInfo, load_torch_model
 from .base import ExportSpec, Format
 from .grids import GridNeeds, int8_reduced, int_grid
 from .hf_checkpoint import TOKENIZER_FILES, atomic_dir
-from .onnx_kernels import MS_DOMAIN, W8A8, kernel_for, linear_nodes
+from .onnx_kernels import W8A8, kernel_for, linear_nodes, splice
 from .state import canonical_weights, load_weights
 
 MODEL_FILE = "model.onnx"
@@ -123,12 +123,6 @@ def _rename_initializers(proto: onnx.ModelProto) -> None:
                 node.input[j] = rename[x]
 
 
-def module_choice(target: Target, canonical, plan: dict | None = None) -> Callable[[str], str | None]:
-    """Kept for callers that hold a Target: the same choice as ``FORMAT.module_grids``."""
-    grids = FORMAT.module_grids(target, None, canonical, plan)
-    return lambda mod: grids.get(mod)
-
-
 def chosen_grids(canonical, choose: Callable[[str], str | None]) -> dict[str, str]:
     """{module: grid id} for every module the artifact quantizes; a missing grid is an error."""
     out = {}
@@ -191,26 +185,7 @@ def quantize_graph(proto: onnx.ModelProto, canonical, grids: dict[str, str], acc
         emitted.update(rep.shared)
         new_nodes[node.name] = pre + rep.nodes
         g.initializer.extend(rep.initializers)
-    nodes = [m for n in g.node for m in new_nodes.get(n.name, [n])]
-    del g.node[:]
-    g.node.extend(_live(nodes, [o.name for o in g.output]))
-    used = {x for n in g.node for x in n.input}
-    keep = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    if not any(o.domain == MS_DOMAIN for o in proto.opset_import):
-        proto.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
-
-
-def _live(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProto]:
-    """Drop nodes none of whose outputs are needed (e.g. the Transpose of a replaced weight)."""
-    need = set(outputs)
-    keep = []
-    for n in reversed(nodes):
-        if any(o in need for o in n.output):
-            keep.append(n)
-            need.update(n.input)
-    return keep[::-1]
+    splice(proto, new_nodes, [], prune=True)
 
 
 def strip_metadata(proto: onnx.ModelProto) -> None:

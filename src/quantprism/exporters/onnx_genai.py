@@ -42,7 +42,7 @@ from ..quantize.grids import QuantizedTensor
 from .base import ExportSpec
 from .hf_checkpoint import TOKENIZER_FILES, atomic_dir
 from .onnx import OnnxFormat, chosen_grids, kv_shape, save_model, strip_metadata
-from .onnx_kernels import MS_DOMAIN, NBITS, kernel_for, nbits_nodes
+from .onnx_kernels import NBITS, kernel_for, nbits_nodes, splice
 from .state import canonical_weights
 
 NAME = "onnx-genai"
@@ -206,16 +206,7 @@ def quantize_genai_graph(proto: onnx.ModelProto, canonical, grids: dict[str, str
     if missing:
         raise ArtifactError(f"no MatMul of the builder's graph holds the canonical weight of {missing[0]} "
                             "(did the builder change the weights or the fusion?)")
-    nodes = [m for n in g.node for m in replaced.get(n.name, [n])]
-    del g.node[:]
-    g.node.extend(nodes)
-    g.initializer.extend(new_inits)
-    live = {x for n in g.node for x in n.input}
-    keep = [i for i in g.initializer if i.name in live]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    if not any(o.domain == MS_DOMAIN for o in proto.opset_import):
-        proto.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+    splice(proto, replaced, new_inits)
     return mapping
 
 

@@ -124,3 +124,27 @@ def linear_nodes(module: str, x: str, y: str, qt: QuantizedTensor, accuracy_leve
     if kernel_for(qt.grid_id) == NBITS:
         return nbits_nodes(module, x, y, qt, accuracy_level)
     return w8a8_nodes(module, x, y, qt)
+
+
+def splice(proto, replaced: dict[str, list[NodeProto]], initializers: list[TensorProto], prune: bool = False) -> None:
+    """Put each replaced node's new nodes in its place, add ``initializers``, drop initializers nothing reads (and,
+    with ``prune``, nodes whose outputs nothing needs), and declare the com.microsoft opset the kernels use."""
+    g = proto.graph
+    nodes = [m for n in g.node for m in replaced.get(n.name, [n])]
+    if prune:
+        need, keep = {o.name for o in g.output}, []
+        for n in reversed(nodes):  # e.g. the Transpose of a replaced weight
+            if any(o in need for o in n.output):
+                keep.append(n)
+                need.update(n.input)
+        nodes = keep[::-1]
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.extend(initializers)
+    used = {x for n in g.node for x in n.input}
+    kept = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    if not any(o.domain == MS_DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+

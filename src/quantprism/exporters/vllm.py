@@ -111,8 +111,3 @@ def export_vllm(spec: ExportSpec | Target, info: ModelInfo, canonical, out_dir: 
     record = {"format": spec.format, "scheme": spec.scheme, "dtype": dtype, "recipe": canonical.recipe.key(), **mp.record()}
     return write_hf_checkpoint(out_dir, info, tensors, fmt.quantization_config(spec, mp), dtype, shard_bytes,
                                extra_json={EXPORT_RECORD: record})
-
-
-def reference_choice(target: Target, canonical, plan: dict | None = None):
-    """The exported grid per module (None = fp), as a chooser for evaluate.canonical.canonical_overrides."""
-    return module_plan(target, canonical, plan).grids.get

@@ -63,3 +63,21 @@ def environment() -> dict:
             continue
     return {"cpu": m.cpu, "isa": list(m.isa), "cores": m.cores, "machine": m.record(),
             "python": platform.python_version(), "platform": platform.platform(), "packages": versions}
+
+
+def load_results(path) -> dict:
+    """A results.json written by ``quantprism build``; anything else is a ConfigError naming the file."""
+    import json
+    from pathlib import Path
+
+    from ..errors import ConfigError
+
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such results file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not a results.json ({e})") from None
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        raise ConfigError(f"{path}: not a quantprism build results file (schema {SCHEMA} expected)")
+    return doc

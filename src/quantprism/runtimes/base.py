@@ -113,3 +113,19 @@ class Runtime:
         import importlib
 
         return importlib.import_module(self.module).open_runtime_session(Path(artifact), threads, n_ctx)
+
+
+def import_probe(module: str, dist: str, install: str) -> tuple[bool, str]:
+    """(importable, "dist version" or why not and how to install): the ``available()`` of an adapter."""
+    import importlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        return False, f"{dist} is not installed ({e}); run `{install}`"
+    try:
+        return True, f"{dist} {version(dist)}"
+    except PackageNotFoundError:
+        return True, dist
+

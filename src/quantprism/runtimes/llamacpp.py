@@ -7,15 +7,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArtifactError, RuntimeUnavailable
-from .base import GreedySession
+from .base import GreedySession, import_probe
 
 
 def available() -> tuple[bool, str]:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError as e:
-        return False, f"llama-cpp-python is not installed ({e}); run `make install`"
-    return True, "llama-cpp-python"
+    return import_probe("llama_cpp", "llama-cpp-python", "make install")
 
 
 def check_gguf(path: Path) -> dict:

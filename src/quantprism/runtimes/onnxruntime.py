@@ -16,18 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArtifactError, RuntimeUnavailable
-from .base import GreedySession, HFTokenizerSession
+from .base import GreedySession, HFTokenizerSession, import_probe
 
 MODEL_FILE = "model.onnx"
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 
 
 def available() -> tuple[bool, str]:
-    try:
-        import onnxruntime
-    except ImportError as e:
-        return False, f"onnxruntime is not installed ({e}); run `pip install -e .[onnx]`"
-    return True, f"onnxruntime {onnxruntime.__version__}"
+    return import_probe("onnxruntime", "onnxruntime", "pip install -e .[onnx]")
 
 
 def _model_path(path: Path) -> Path:

@@ -20,17 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArtifactError, RuntimeUnavailable
-from .base import GreedySession, HFTokenizerSession
+from .base import GreedySession, HFTokenizerSession, import_probe
 
 GENAI_CONFIG = "genai_config.json"
 
 
 def available() -> tuple[bool, str]:
-    try:
-        import onnxruntime_genai as og
-    except ImportError as e:
-        return False, f"onnxruntime-genai is not installed ({e}); run `pip install -e .[onnx]`"
-    return True, f"onnxruntime-genai {og.__version__}"
+    return import_probe("onnxruntime_genai", "onnxruntime-genai", "pip install -e .[onnx]")
 
 
 def _root(path: Path) -> Path:
