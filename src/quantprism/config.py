@@ -53,7 +53,7 @@ TARGET_KEYS: dict[str, Any] = {
     "format": str, "runtime": str, "quant": str, "bits": int, "group_size": int, "symmetric": bool,
     "method": str, "hardware": str, "description": str, "damp": float, "clip_search": bool,
     "act_order": bool, "smoothquant_alpha": float, "imatrix": bool, "threads": int,
-    "protect": int, "max_bpw": float, "gates": dict,
+    "protect": int, "max_bpw": float, "tokenizer_parity": str, "gates": dict,
 }
 
 
@@ -87,6 +87,7 @@ class Target:
     threads: int | None = None
     protect: int = 0
     max_bpw: float | None = None
+    tokenizer_parity: str = "eval"  # "strict": stress-set mismatches fail the target too
     gates: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -186,6 +187,9 @@ def _parse_target(path: Path, name: str, raw: Any) -> Target:
         raise ConfigError(
             f"{where} key 'runtime': {runtime!r} cannot load format {fmt!r}; use {' or '.join(FORMATS[fmt].runtimes)}"
         )
+    if vals.get("tokenizer_parity", "eval") not in ("eval", "strict"):
+        raise ConfigError(f"{where} key 'tokenizer_parity': {vals['tokenizer_parity']!r}; use \"eval\" (the evaluation text "
+                          "must tokenize identically) or \"strict\" (the stress set too)")
     method = vals.get("method", "gptq")
     if method not in METHODS:
         raise ConfigError(f"{where} key 'method': unknown method '{method}'{_closest(method, list(METHODS))}")

@@ -166,7 +166,10 @@ def eval_cmd(canonical: Path, grid: str | None, model: str | None, eval_text: st
 @cli.command("validate", epilog="Example:  quantprism validate build/llamacpp-cpu-q4km/model.gguf")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--threads", type=int, default=None, help="Runtime threads (default: all cores, at most 8).")
-def validate_cmd(artifact: Path, threads: int | None) -> None:
+@click.option("--model", default=None, help="The original model: also check tokenization parity against its HF tokenizer.")
+@click.option("--eval-text", default=None, help="Text for the parity check (default: the bundled evaluation text).")
+@click.option("--strict", is_flag=True, help="Stress-set tokenization mismatches fail too (tokenizer_parity = \"strict\").")
+def validate_cmd(artifact: Path, threads: int | None, model: str | None, eval_text: str | None, strict: bool) -> None:
     """Check an artifact's structure and smoke-test it in its own runtime.
 
     A .gguf file → llama.cpp; a .onnx file (or a directory with model.onnx) → ONNX Runtime; an HF
@@ -175,9 +178,25 @@ def validate_cmd(artifact: Path, threads: int | None) -> None:
     """
     from ..pipeline.commands import validate_artifact
 
-    v = validate_artifact(artifact, threads)
+    v = validate_artifact(artifact, threads, model=model, eval_text=eval_text, parity="strict" if strict else "eval")
     click.echo(f"{v['artifact']}: {v['facts']}, loads in {v['runtime']} (kernel {v['kernel']}), generated {v['generated']} "
                f"tokens with {v['threads']} threads")
+    p = v["tokenizer_parity"]
+    if p is None:
+        return
+    if p["tokenizer"] == "hf":
+        click.echo("tokenization parity: the runtime uses the model's HF tokenizer")
+        return
+    ev, st = p["eval"], p["stress"]
+    click.echo(f"tokenization parity: evaluation text {'identical' if ev['equal'] else 'DIFFERS'} ({ev['hf_tokens']} HF tokens), "
+               f"stress set {st['equal']}/{st['total']} identical")
+    if not ev["equal"]:
+        d = ev["first_difference"]
+        click.echo(f"  first difference at token {d['position']}: HF {d['hf']} vs runtime {d['runtime']}")
+    for e in st["examples"]:
+        click.echo(f"  stress {e['text']!r}: HF {e['hf']} vs runtime {e['runtime']}")
+    if not p["passed"]:
+        raise click.exceptions.Exit(1)
 
 
 @cli.command("build", epilog="Example:  quantprism build --targets targets.toml --out build/ --only llamacpp-cpu-q4km")

@@ -18,6 +18,7 @@ from ..errors import ArtifactError, ConfigError
 from ..model import ModelInfo
 from ..quantize.ggml_types import GGML_TYPES
 from .base import ExportSpec, Format
+from .gguf_vocab import read_vocab
 from .grids import GridNeeds
 from .kquants import pack
 from .state import canonical_fp_state
@@ -106,36 +107,6 @@ def _permute_rows(a: np.ndarray, n_head: int) -> np.ndarray:
     return a.reshape(n_head, 2, rows // n_head // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
 
 
-def _tokenizer(w, info: ModelInfo) -> None:
-    tj = json.loads((info.path / "tokenizer.json").read_text(encoding="utf-8"))
-    model = tj.get("model", {})
-    if model.get("type") != "BPE" or info.tokenizer_kind != "byte-level BPE":
-        raise ArtifactError(f"{info.path}: GGUF export supports byte-level BPE tokenizers here, found {info.tokenizer_kind}")
-    vocab: dict[str, int] = dict(model["vocab"])
-    special = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
-    vocab.update(special)
-    n = int(info.config["vocab_size"])
-    tokens = [f"[PAD{i}]" for i in range(n)]
-    types = [5] * n  # unused until filled
-    for tok, i in vocab.items():
-        if i < n:
-            tokens[i] = tok
-            types[i] = 3 if tok in special else 1
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    cfg = info.config
-    if cfg.get("bos_token_id") is not None:
-        w.add_bos_token_id(int(cfg["bos_token_id"]))
-    if cfg.get("eos_token_id") is not None:
-        eos = cfg["eos_token_id"]
-        w.add_eos_token_id(int(eos[0] if isinstance(eos, list) else eos))
-    w.add_add_bos_token(False)  # the HF tokenizer adds none; runtimes prepend BOS explicitly
-
-
 def write_gguf(out: Path, info: ModelInfo, canonical, file_type: str, imatrix: bool = True,
                provenance: dict | None = None, plan: dict | None = None) -> Path:
     """Write ``out`` (a .gguf file) from a CanonicalModel: its codes, and its fp state for every tensor kept
@@ -145,6 +116,7 @@ def write_gguf(out: Path, info: ModelInfo, canonical, file_type: str, imatrix: b
     mixture rules and recorded under ``quantprism.plan``.
     """
     import gguf
+    from gguf.utility import model_weight_count_rounded_notation
 
     from ..manifest import atomic_path
 
@@ -161,7 +133,11 @@ def write_gguf(out: Path, info: ModelInfo, canonical, file_type: str, imatrix: b
     fp_state = canonical_fp_state(info, canonical)
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
+        vocab = read_vocab(info)  # first: an unsupported tokenizer fails before anything is written
+        w.add_type("model")
         w.add_name(info.path.name)
+        w.add_basename(info.path.name)
+        w.add_size_label(model_weight_count_rounded_notation(info.n_params))  # gguf-py's own label
         w.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
         w.add_embedding_length(int(cfg["hidden_size"]))
         w.add_block_count(n_layers)
@@ -185,7 +161,8 @@ def write_gguf(out: Path, info: ModelInfo, canonical, file_type: str, imatrix: b
         w.add_string("quantprism.plan", json.dumps(
             {"protected": {m: types[m] for m in plan.get("protected", [])}, "bits_per_weight": plan.get("bits_per_weight")}
             if plan else {}, sort_keys=True))
-        _tokenizer(w, info)
+        vocab.write(w)
+        w.add_string("quantprism.tokenizer", json.dumps(vocab.record(), sort_keys=True))  # how `pre` was chosen
 
         def emit(gname: str, hf: str, permute_heads: int | None = None) -> None:
             mod = hf.removesuffix(".weight")

@@ -97,10 +97,26 @@ def canonical_reference_file(model, info: ModelInfo, spec, res, chunks: np.ndarr
     return path
 
 
+def tokenizer_reference_file(info: ModelInfo, s: BuildSettings, cache: Path) -> Path:
+    """The HF tokenizer's ids of the evaluation text and the stress set (cached by tokenizer files and text)."""
+    from ..evaluate.tokenizer_parity import STRESS, reference
+    from ..model import load_tokenizer
+
+    h = hashlib.sha256()
+    for f in sorted(info.path.glob("tokenizer*")) + sorted(info.path.glob("special_tokens_map.json")):
+        h.update(f.name.encode() + f.read_bytes())
+    h.update(s.eval_text.read_bytes() + json.dumps(STRESS).encode())
+    path = cache / f"tokenizer-{h.hexdigest()[:24]}.json"
+    if not path.is_file():
+        write_json_atomic(path, reference(load_tokenizer(info), s.eval_text))
+    return path
+
+
 def run_worker(name: str, runtime: str, artifact: Path, base: Path, s: BuildSettings, bos: int, work: Path,
-               reference: Path | None = None) -> dict:
+               reference: Path | None = None, tokenizer_ref: Path | None = None, parity_mode: str = "eval") -> dict:
     spec = {"name": name, "runtime": runtime, "artifact": str(artifact), "threads": s.threads, "n_ctx": s.n_ctx, "bos": bos,
             "smoke_prompt": SMOKE_PROMPT, "smoke_tokens": SMOKE_TOKENS, "base": str(base),
+            "tokenizer_reference": str(tokenizer_ref) if tokenizer_ref else None, "tokenizer_parity": parity_mode,
             "reference": str(reference) if reference else None, "skip_bench": s.skip_bench, "prompt_len": s.prompt_len,
             "decode_tokens": s.decode_tokens, "repeats": s.repeats, "out": str(work / "worker.json")}
     work.mkdir(parents=True, exist_ok=True)
@@ -143,7 +159,8 @@ def finish_row(row: dict, gates: dict, skip_bench: bool, original: dict | None =
         lat["decode_speedup"] = round(lat["decode_tok_s_p50"] / base["decode_tok_s_p50"], 3)
     if row.get("status") == "ok":
         row["gates"] = evaluate_gates(row, gates, skip_bench)
-        row["passed"] = bool(row.get("smoke", {}).get("passed")) and all(g["passed"] is not False for g in row["gates"].values())
+        row["passed"] = (bool(row.get("smoke", {}).get("passed")) and row.get("tokenizer_parity", {}).get("passed", True)
+                         and all(g["passed"] is not False for g in row["gates"].values()))
     else:
         row["gates"] = {k: {"limit": v, "value": None, "passed": False} for k, v in gates.items()}
         row["passed"] = False
@@ -201,6 +218,7 @@ def build(targets: list[Target], info: ModelInfo, s: BuildSettings, progress=Non
     del ref_model
     s.seconds["export"] = round(time.perf_counter() - t0, 1)
     bos = load_tokenizer(info).bos_token_id or 0
+    tok_ref = tokenizer_reference_file(info, s, store.default_cache_dir().parent / "base")
 
     t0 = time.perf_counter()
     original = {"name": "original", "format": "safetensors", "runtime": "torch", "scheme": str(info.config.get("torch_dtype") or info.config.get("dtype") or "fp"),
@@ -217,7 +235,7 @@ def build(targets: list[Target], info: ModelInfo, s: BuildSettings, progress=Non
         if row["status"] == "ok":
             s.log(f"{t.name}: smoke, quality and latency in {t.runtime}")
             row.update(run_worker(t.name, t.runtime, artifacts[t.name], base, s, bos, s.out / t.name / ".work",
-                                  references[t.name]))
+                                  references[t.name], tok_ref, t.tokenizer_parity))
         finish_row(row, t.gates, s.skip_bench, original)
         s.log(f"{t.name}: {'PASSED' if row['passed'] else 'FAILED'}" + (f" ({row['error']})" if row.get("error") else ""))
     s.seconds["targets"] = round(time.perf_counter() - t0, 1)

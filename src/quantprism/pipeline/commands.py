@@ -82,9 +82,11 @@ def evaluate_canonical(canonical: Path, grid: str | None, model: str | None, eva
     return gid, ev.evaluate(canonical_overrides(res, lambda mod: gid))
 
 
-def validate_artifact(artifact: Path, threads: int | None, prompt: str = "def main():", tokens: int = 16) -> dict:
+def validate_artifact(artifact: Path, threads: int | None, prompt: str = "def main():", tokens: int = 16,
+                      model: str | None = None, eval_text: str | None = None, parity: str = "eval") -> dict:
     """Recognize the artifact's format, open it in that format's first runtime (the session checks the structure),
-    generate ``tokens`` greedily; returns facts for one line of output."""
+    generate ``tokens`` greedily, and — given the original ``model`` — check tokenization parity as a build does;
+    returns facts for the output."""
     from ..exporters import FORMATS
     from ..runtimes import RUNTIMES, open_runtime
 
@@ -95,10 +97,24 @@ def validate_artifact(artifact: Path, threads: int | None, prompt: str = "def ma
                             "checkpoint directory with a quantization_config")
     runtime = fmt.runtimes[0]
     sess = open_runtime(runtime, artifact, threads, n_ctx=256)
+    parity_result = None
     try:
         out = sess.generate([0] + sess.tokenize(prompt), tokens)
         facts = sess.describe() if hasattr(sess, "describe") else fmt.label
+        if model is not None:
+            parity_result = _parity(sess, load_model_info(model), eval_text, parity)
     finally:
         sess.close()
     return {"artifact": str(artifact), "format": fmt.name, "facts": facts, "runtime": RUNTIMES[runtime].label,
-            "kernel": sess.kernel, "generated": len(out), "threads": sess.threads}
+            "kernel": sess.kernel, "generated": len(out), "threads": sess.threads, "tokenizer_parity": parity_result}
+
+
+def _parity(sess, info: ModelInfo, eval_text: str | None, mode: str) -> dict:
+    from ..calibration import eval_text_path
+    from ..evaluate.tokenizer_parity import check, reference
+    from ..model import load_tokenizer
+
+    own = getattr(sess, "runtime_tokenize", None)
+    if own is None:
+        return {"tokenizer": "hf", "mode": mode, "passed": True, "note": "the runtime tokenizes with the model's HF tokenizer"}
+    return check(own, reference(load_tokenizer(info), eval_text_path(eval_text)), mode)

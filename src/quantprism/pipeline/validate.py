@@ -65,6 +65,19 @@ def smoke(sess, spec: dict, logits_fn) -> dict:
     return {"passed": all(checks.values()), "checks": checks, "details": d}
 
 
+def tokenizer_parity(sess, spec: dict) -> dict:
+    """The runtime's own tokenizer (``runtime_tokenize``) against the HF tokenizer; a runtime that tokenizes with the
+    HF tokenizer itself is recorded as such."""
+    from ..evaluate.tokenizer_parity import check
+
+    ref = json.loads(Path(spec["tokenizer_reference"]).read_text(encoding="utf-8"))
+    own = getattr(sess, "runtime_tokenize", None)
+    if own is None:
+        return {"tokenizer": "hf", "mode": spec["tokenizer_parity"], "passed": True,
+                "note": "the runtime tokenizes with the model's HF tokenizer"}
+    return check(own, ref, spec["tokenizer_parity"])
+
+
 def run(spec: dict) -> dict:
     from ..evaluate.compare import compare
     from ..evaluate.slices import slice_summaries
@@ -86,6 +99,10 @@ def run(spec: dict) -> dict:
             nonfinite["rows"] += int((~np.isfinite(lg).all(-1)).sum())
             return lg
 
+        if spec.get("tokenizer_reference"):
+            t0 = time.perf_counter()
+            out["tokenizer_parity"] = tokenizer_parity(sess, spec)
+            secs["tokenizer_parity"] = round(time.perf_counter() - t0, 2)
         t0 = time.perf_counter()
         out["smoke"] = smoke(sess, spec, logits_fn)
         secs["smoke"] = round(time.perf_counter() - t0, 2)

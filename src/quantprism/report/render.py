@@ -33,6 +33,17 @@ def _verdict(row: dict) -> str:
     return "PASS" if row.get("passed") else "FAIL"
 
 
+def _parity(row: dict) -> str:
+    """Tokenization parity in one cell: whose tokenizer, evaluation text, stress set."""
+    p = row.get("tokenizer_parity")
+    if not p:
+        return "–"
+    if p["tokenizer"] == "hf":
+        return "HF tokenizer"
+    ev = "same ids" if p["eval"]["equal"] else f"DIFFERS at {p['eval']['first_difference']['position']}"
+    return f"own: {ev}, stress {p['stress']['equal']}/{p['stress']['total']}{' (strict)' if p['mode'] == 'strict' else ''}"
+
+
 def _failures(doc: dict) -> list[str]:
     out = []
     for r in doc["targets"]:
@@ -45,6 +56,14 @@ def _failures(doc: dict) -> list[str]:
             why = (f" (vs the canonical model: top-1 on decisive tokens {f['top1_decisive']:.4f}, KLD {f['kld_mean']:.3g})"
                    if "fidelity" in bad and f else "")
             out.append(f"{r['name']}: smoke failed: {', '.join(bad)}{why}")
+        p = r.get("tokenizer_parity") or {}
+        if p.get("passed") is False:
+            d = p["eval"].get("first_difference")
+            out.append(f"{r['name']}: tokenization parity failed: " + (
+                f"evaluation text differs at token {d['position']} (HF {d['hf']} vs runtime {d['runtime']})" if d else
+                f"{p['stress']['total'] - p['stress']['equal']} stress texts differ (strict), e.g. "
+                f"{p['stress']['examples'][0]['text']!r}: HF {p['stress']['examples'][0]['hf']} vs runtime "
+                f"{p['stress']['examples'][0]['runtime']}"))
         for g, v in (r.get("gates") or {}).items():
             if v["passed"] is False:
                 val = "not measured" if v["value"] is None else f"{v['value']:.6g}"
@@ -62,14 +81,14 @@ def _delta(cur, old, name: str) -> str:
 
 def render_md(doc: dict, baseline: dict | None = None) -> str:
     old = {r["name"]: r for r in _rows(baseline)} if baseline else {}
-    head = ["target", "runtime", "kernel", "verdict"] + [c[0] for c in COLUMNS]
+    head = ["target", "runtime", "kernel", "verdict", "tokenizer"] + [c[0] for c in COLUMNS]
     lines = [f"## quantprism build — {'all gates pass' if doc['passed'] else 'GATES FAILED'}", "",
              f"Model `{doc['model']['path']}` ({doc['model']['n_params']:,} params), calibration sha256 "
              f"`{doc['calibration']['sha256'][:12]}…`, {doc['environment']['cpu']} ({', '.join(doc['environment']['isa'][-4:])}), "
              f"{doc['eval']['threads']} threads, machine kind `{(doc['environment'].get('machine') or {}).get('kind', '?')}`.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in _rows(doc):
-        cells = [r["name"], r["runtime"], r.get("kernel", "–"), _verdict(r)]
+        cells = [r["name"], r["runtime"], r.get("kernel", "–"), _verdict(r), _parity(r)]
         for name, path, f in COLUMNS:
             v = _get(r, path)
             cells.append(_fmt(v, f) + (_delta(v, _get(old[r["name"]], path), name) if r["name"] in old else ""))
@@ -141,11 +160,11 @@ def _svg_bars(bars: list[tuple[str, float, bool]], w: int = 560) -> str:
 
 def render_html(doc: dict, baseline: dict | None = None) -> str:
     md_rows = _rows(doc)
-    head = ["target", "runtime", "kernel", "verdict"] + [c[0] for c in COLUMNS]
+    head = ["target", "runtime", "kernel", "verdict", "tokenizer"] + [c[0] for c in COLUMNS]
     trs = []
     for r in md_rows:
         cls = "ref" if r["name"] == "original" else ("pass" if r.get("passed") else "fail")
-        cells = [r["name"], r["runtime"], r.get("kernel", "–"), _verdict(r)] + [_fmt(_get(r, p), f) for _, p, f in COLUMNS]
+        cells = [r["name"], r["runtime"], r.get("kernel", "–"), _verdict(r), _parity(r)] + [_fmt(_get(r, p), f) for _, p, f in COLUMNS]
         trs.append(f'<tr class="{cls}">' + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     scatter = _svg_scatter([(r["name"], r.get("size_mb"), _get(r, ("quality", "kld_mean"))) for r in doc["targets"]])
     bars = _svg_bars([(r["name"], _get(r, ("latency", "decode_tok_s_p50")), r.get("kernel") == "native") for r in md_rows])

@@ -60,6 +60,10 @@ class LlamaCppSession(GreedySession):
     def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
+    def runtime_tokenize(self, text: str) -> list[int]:
+        """What a deployment gets: llama.cpp's tokenizer from the GGUF vocabulary (checked by tokenization parity)."""
+        return self.tokenize(text)
+
     def describe(self) -> str:
         return f"{self.info['architecture']}, {self.info['tensors']} tensors"
 

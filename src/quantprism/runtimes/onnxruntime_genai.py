@@ -48,6 +48,16 @@ class OnnxRuntimeGenAISession(HFTokenizerSession, GreedySession):
     runtime = "onnxruntime-genai"
     kernel = "native"
 
+    _og_tok = None
+
+    def runtime_tokenize(self, text: str) -> list[int]:
+        """What a deployment gets: onnxruntime-genai's own Tokenizer (it always matches special-token strings)."""
+        if self._og_tok is None:
+            import onnxruntime_genai as og
+
+            self._og_tok = og.Tokenizer(self.model)
+        return [int(i) for i in self._og_tok.encode(text)]
+
     def __init__(self, path: Path, threads: int | None = None, n_ctx: int = 1024):
         ok, why = available()
         if not ok:
