@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from vocab_families import FAMILIES, LLAMA_CPP, cases, family_model, vocab_file
 
 from conftest import require
-from vocab_families import FAMILIES, LLAMA_CPP, cases, family_model, vocab_file
 
 
 @pytest.fixture(scope="session")
