@@ -121,3 +121,25 @@ def test_shape_rules_against_model(tiny_models, tmp_path, run_cli):
 def test_config_error_is_typed(tmp_path):
     with pytest.raises(ConfigError):
         parse_targets(write(tmp_path, "[target.t]\nformat=1\nruntime='x'\n"))
+
+
+def test_group_size_auto_and_fixed_groups_that_do_not_divide(tmp_path, run_cli):
+    """Hidden 576 (as in 135M-class models): "auto" takes 64 (128 does not divide 576) and is recorded; a fixed 128
+    is one line naming the valid choices; "auto" with no dividing group says to use per channel."""
+    from conftest import make_tiny_model
+    from quantprism.pipeline.commands import load_targets
+
+    m576 = make_tiny_model(tmp_path / "m576", hidden=576, inter=1536, layers=1)
+    p = write(tmp_path, "[target.a]\nformat='gptq'\nruntime='vllm'\ngroup_size='auto'\n")
+    tf, _ = load_targets(p, str(m576))
+    assert tf.targets["a"].group_size == 64 and tf.targets["a"].auto_group and tf.targets["a"].scheme == "W4G64-sym"
+    p128 = write(tmp_path, "[target.f]\nformat='gptq'\nruntime='vllm'\ngroup_size=128\n")
+    rc, _, err = run_cli("targets", p128, "--model", m576)
+    assert_one_line_error(rc, err, "[target.f]", "group_size 128 does not divide in_features 576", "valid: 64, 32, \"auto\"")
+    m40 = make_tiny_model(tmp_path / "m40", hidden=80, inter=200, layers=1)  # 200 = 8·25: no group of 32 divides it
+    p = write(tmp_path, "[target.a]\nformat='gptq'\nruntime='vllm'\ngroup_size='auto'\n")
+    rc, _, err = run_cli("targets", p, "--model", m40)
+    assert_one_line_error(rc, err, "[target.a]", "none of 128/64/32", "group_size = -1")
+    gg = write(tmp_path, "[target.g]\nformat='gguf'\nruntime='llamacpp'\nquant='Q8_0'\ngroup_size='auto'\n")
+    rc, _, err = run_cli("targets", gg)
+    assert_one_line_error(rc, err, "[target.g]", "vLLM formats")

@@ -75,7 +75,7 @@ class Target:
     method: str = "gptq"
     quant: str | None = None
     bits: int = 4
-    group_size: int = 128
+    group_size: int | str = 128  # "auto" until resolved against a model
     symmetric: bool = True
     hardware: str = "cpu"
     description: str = ""
@@ -88,6 +88,7 @@ class Target:
     protect: int = 0
     max_bpw: float | None = None
     tokenizer_parity: str = "eval"  # "strict": stress-set mismatches fail the target too
+    auto_group: bool = False  # group_size was "auto", resolved against the model
     gates: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -169,6 +170,9 @@ def _parse_target(path: Path, name: str, raw: Any) -> Target:
     for key, value in raw.items():
         if key not in TARGET_KEYS:
             raise ConfigError(f"{where} unknown key '{key}'{_closest(key, list(TARGET_KEYS))}")
+        if key == "group_size" and value == "auto":
+            vals[key] = value  # resolved against the model's shapes (resolve_group_size)
+            continue
         vals[key] = _check_type(where, key, value, TARGET_KEYS[key])
     for req in ("format", "runtime"):
         if req not in vals:
@@ -193,8 +197,35 @@ def _parse_target(path: Path, name: str, raw: Any) -> Target:
     method = vals.get("method", "gptq")
     if method not in METHODS:
         raise ConfigError(f"{where} key 'method': unknown method '{method}'{_closest(method, list(METHODS))}")
-    _check_combination(where, fmt, method, vals)
+    if vals.get("group_size") == "auto":
+        if not hasattr(FORMATS[fmt], "quant_method"):
+            raise ConfigError(f"{where} key 'group_size': \"auto\" is for vLLM formats (gptq, awq, compressed-tensors)")
+        _check_combination(where, fmt, method, {**vals, "group_size": AUTO_GROUPS[0]})
+    else:
+        _check_combination(where, fmt, method, vals)
     return Target(name=name, gates=gates, **vals)
+
+
+AUTO_GROUPS = (128, 64, 32)  # group_size = "auto": the largest that divides every quantized in_features
+
+
+def valid_groups(linear_shapes: dict[str, tuple[int, int]]) -> list[int]:
+    ks = {k for name, (_n, k) in linear_shapes.items() if not name.endswith(("lm_head", "embed_tokens"))}
+    return [g for g in AUTO_GROUPS if all(k % g == 0 for k in ks)]
+
+
+def resolve_group_size(t: Target, linear_shapes: dict[str, tuple[int, int]], where: str) -> Target:
+    """A target with group_size = "auto" → the largest of 128/64/32 dividing every K (``auto_group`` records it)."""
+    from dataclasses import replace
+
+    if t.group_size != "auto":
+        return t
+    ok = valid_groups(linear_shapes)
+    if not ok:
+        ks = sorted({k for name, (_n, k) in linear_shapes.items() if not name.endswith(("lm_head", "embed_tokens"))})
+        raise ConfigError(f"{where}: [target.{t.name}] group_size \"auto\": none of 128/64/32 divides every in_features "
+                          f"({', '.join(map(str, ks))}); use group_size = -1 (per channel)")
+    return replace(t, group_size=ok[0], auto_group=True)
 
 
 def _check_combination(where: str, fmt: str, method: str, vals: dict[str, Any]) -> None:

@@ -90,7 +90,12 @@ class Format:
             if name.endswith(("lm_head", "embed_tokens")):
                 continue  # kept in high precision
             if gs != -1 and k % gs:
-                return f"group_size {gs} does not divide in_features {k} of {name}; use a divisor of {k}"
+                from ..config import valid_groups
+
+                ok = valid_groups(linear_shapes)
+                choices = (f"valid: {', '.join(map(str, ok))}, \"auto\" or -1" if ok else
+                           "valid: -1 (per channel); no group of 128/64/32 divides every in_features")
+                return f"group_size {gs} does not divide in_features {k} of {name}; {choices}"
         return None
 
     # -- the canonical stage -----------------------------------------------------------------------------------

@@ -195,7 +195,8 @@ def build(targets: list[Target], info: ModelInfo, s: BuildSettings, progress=Non
     machine = detect()
     for t in targets:
         row = {"name": t.name, "format": t.format, "runtime": t.runtime, "scheme": t.scheme, "method": t.method,
-               "hardware": t.hardware, "validated_on": machine.kind, "hardware_match": machine.matches(t.hardware),
+               "hardware": t.hardware, "group_size": t.group_size, "group_size_auto": t.auto_group,
+               "validated_on": machine.kind, "hardware_match": machine.matches(t.hardware),
                "status": "ok"}
         rows[t.name] = row
         try:

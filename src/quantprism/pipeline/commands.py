@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import TargetsFile, check_target_against_model, parse_targets
+from ..config import TargetsFile, check_target_against_model, parse_targets, resolve_group_size
 from ..errors import ArtifactError, ConfigError
 from ..model import ModelInfo, load_model_info
 from .plan import CanonicalRun, plan_recipes, run_stage, target_plan, targets_of
@@ -16,8 +16,11 @@ from .plan import CanonicalRun, plan_recipes, run_stage, target_plan, targets_of
 def load_targets(targets_file: Path, model: str | None) -> tuple[TargetsFile, ModelInfo]:
     """Parse a targets file and check every target's shape rules against the model (an impossible target is an
     error naming the target and why)."""
+    from dataclasses import replace
+
     tf = parse_targets(targets_file)
     info = load_model_info(model or tf.defaults.model)
+    tf = replace(tf, targets={n: resolve_group_size(t, info.linear_shapes, str(targets_file)) for n, t in tf.targets.items()})
     for t in tf.targets.values():
         why = check_target_against_model(t, info.linear_shapes)
         if why:
