@@ -126,8 +126,9 @@ def test_config_error_is_typed(tmp_path):
 def test_group_size_auto_and_fixed_groups_that_do_not_divide(tmp_path, run_cli):
     """Hidden 576 (as in 135M-class models): "auto" takes 64 (128 does not divide 576) and is recorded; a fixed 128
     is one line naming the valid choices; "auto" with no dividing group says to use per channel."""
-    from conftest import make_tiny_model
     from quantprism.pipeline.commands import load_targets
+
+    from conftest import make_tiny_model
 
     m576 = make_tiny_model(tmp_path / "m576", hidden=576, inter=1536, layers=1)
     p = write(tmp_path, "[target.a]\nformat='gptq'\nruntime='vllm'\ngroup_size='auto'\n")
