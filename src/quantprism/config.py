@@ -191,7 +191,9 @@ def _parse_target(path: Path, name: str, raw: Any) -> Target:
         raise ConfigError(
             f"{where} key 'runtime': {runtime!r} cannot load format {fmt!r}; use {' or '.join(FORMATS[fmt].runtimes)}"
         )
-    if vals.get("tokenizer_parity", "eval") not in ("eval", "strict"):
+    from .evaluate.tokenizer_parity import MODES
+
+    if vals.get("tokenizer_parity", "eval") not in MODES:
         raise ConfigError(f"{where} key 'tokenizer_parity': {vals['tokenizer_parity']!r}; use \"eval\" (the evaluation text "
                           "must tokenize identically) or \"strict\" (the stress set too)")
     method = vals.get("method", "gptq")
@@ -209,8 +211,13 @@ def _parse_target(path: Path, name: str, raw: Any) -> Target:
 AUTO_GROUPS = (128, 64, 32)  # group_size = "auto": the largest that divides every quantized in_features
 
 
+def _quantized_ks(linear_shapes: dict[str, tuple[int, int]]) -> list[int]:
+    """in_features of every linear a vLLM format quantizes (lm_head and embeddings stay in high precision)."""
+    return sorted({k for name, (_n, k) in linear_shapes.items() if not name.endswith(("lm_head", "embed_tokens"))})
+
+
 def valid_groups(linear_shapes: dict[str, tuple[int, int]]) -> list[int]:
-    ks = {k for name, (_n, k) in linear_shapes.items() if not name.endswith(("lm_head", "embed_tokens"))}
+    ks = _quantized_ks(linear_shapes)
     return [g for g in AUTO_GROUPS if all(k % g == 0 for k in ks)]
 
 
@@ -222,9 +229,8 @@ def resolve_group_size(t: Target, linear_shapes: dict[str, tuple[int, int]], whe
         return t
     ok = valid_groups(linear_shapes)
     if not ok:
-        ks = sorted({k for name, (_n, k) in linear_shapes.items() if not name.endswith(("lm_head", "embed_tokens"))})
         raise ConfigError(f"{where}: [target.{t.name}] group_size \"auto\": none of 128/64/32 divides every in_features "
-                          f"({', '.join(map(str, ks))}); use group_size = -1 (per channel)")
+                          f"({', '.join(map(str, _quantized_ks(linear_shapes)))}); use group_size = -1 (per channel)")
     return replace(t, group_size=ok[0], auto_group=True)
 
 

@@ -117,7 +117,8 @@ def quantize_cmd(targets_file: Path, only: tuple[str, ...], model: str | None, c
     with Progress(transient=True) as prog:
         task = prog.add_task("canonical pass", total=None)
         q = quantize(tf, info, list(only), calibration, samples, seq_len, sequential=not fp_inputs, out=out,
-                     cache_dir=cache_dir, progress=lambda mod, li, n: prog.advance(task))
+                     cache_dir=cache_dir, progress=lambda mod, li, n: prog.advance(task),
+                     on_total=lambda n: prog.update(task, total=n))
     if q.run is None:
         click.echo("nothing to quantize for these targets")
         return

@@ -181,6 +181,11 @@ def _byte_level(tj: dict) -> bool:
     return has(tj.get("pre_tokenizer")) or has(tj.get("decoder"))
 
 
+def _added_type(a: dict) -> int:
+    """An added token's GGUF type, as llama.cpp's converter decides it."""
+    return CONTROL if a.get("special") or a["content"] in LOOKS_SPECIAL else USER_DEFINED
+
+
 def _table(n: int, vocab: dict[str, int], added: dict[int, dict], where: str) -> tuple[list[str], list[int]]:
     if vocab and max(vocab.values()) >= n:
         raise ArtifactError(f"{where}: tokenizer id {max(vocab.values())} ≥ the model's vocab_size {n}")
@@ -191,8 +196,7 @@ def _table(n: int, vocab: dict[str, int], added: dict[int, dict], where: str) ->
     for i, a in added.items():
         if i >= n:
             raise ArtifactError(f"{where}: added token {a['content']!r} has id {i} ≥ the model's vocab_size {n}")
-        tokens[i] = a["content"]
-        types[i] = CONTROL if a.get("special") or a["content"] in LOOKS_SPECIAL else USER_DEFINED
+        tokens[i], types[i] = a["content"], _added_type(a)
     return tokens, types
 
 
@@ -224,13 +228,12 @@ def read_vocab(info: ModelInfo) -> GGUFVocab:
         else:
             tokens, types = _table(n, dict(model["vocab"]), added, where)
             scores = _scores_from_merges(tokens, model.get("merges", []))
-            for i, t in enumerate(tokens):
-                if types[i] == NORMAL and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
-                    types[i] = BYTE
             unk = model.get("unk_token")
             for i, t in enumerate(tokens):
                 if t == unk:
                     types[i] = UNKNOWN
+                elif types[i] == NORMAL and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+                    types[i] = BYTE
         return GGUFVocab("llama", tokens, types, scores=scores, add_space_prefix=_space_prefix(tj), **common)
     raise ArtifactError(f"{where}: GGUF export supports byte-level BPE and SentencePiece (byte-fallback BPE) tokenizers; "
                         f"this one is {model.get('type', 'unknown')}{' with byte fallback' if model.get('byte_fallback') else ''}")
@@ -269,6 +272,5 @@ def _sentencepiece_model(path: Path, n: int, added: dict[int, dict], where: str)
                     else UNUSED if sp.is_unused(i) else NORMAL)
     for i, a in added.items():
         if i < n and (i >= sp.get_piece_size() or types[i] == NORMAL):
-            tokens[i] = a["content"]
-            types[i] = CONTROL if a.get("special") or a["content"] in LOOKS_SPECIAL else USER_DEFINED
+            tokens[i], types[i] = a["content"], _added_type(a)
     return tokens, types, scores

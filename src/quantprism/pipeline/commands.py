@@ -37,8 +37,10 @@ class QuantizeOutcome:
 
 def quantize(tf: TargetsFile, info: ModelInfo, only: list[str], calibration: str | None, samples: int | None,
              seq_len: int | None, sequential: bool = True, out: Path | None = None, cache_dir: Path | None = None,
-             progress: Callable[[str, int, int], None] | None = None) -> QuantizeOutcome:
-    """One canonical pass for the selected targets; results copied to ``out`` (with plans.json) when given."""
+             progress: Callable[[str, int, int], None] | None = None,
+             on_total: Callable[[int], None] | None = None) -> QuantizeOutcome:
+    """One canonical pass for the selected targets; results copied to ``out`` (with plans.json) when given.
+    ``on_total`` hears the number of progress steps (layers × 7 linears × recipes) before the pass starts."""
     from ..manifest import write_json_atomic
 
     d = tf.defaults
@@ -46,6 +48,8 @@ def quantize(tf: TargetsFile, info: ModelInfo, only: list[str], calibration: str
     recipes, index = plan_recipes(targets)
     if not recipes:
         return QuantizeOutcome(None, [], {})
+    if on_total is not None:
+        on_total(info.n_layers * 7 * len(recipes))
     run = run_stage(info, recipes, calibration or d.calibration, samples or d.samples, seq_len or d.seq_len, d.seed,
                     sequential=sequential, cache_dir=cache_dir, progress=progress)
     rows = []
@@ -90,7 +94,10 @@ def validate_artifact(artifact: Path, threads: int | None, prompt: str = "def ma
     """Recognize the artifact's format, open it in that format's first runtime (the session checks the structure),
     generate ``tokens`` greedily, and — given the original ``model`` — check tokenization parity as a build does;
     returns facts for the output."""
+    from ..calibration import eval_text_path
+    from ..evaluate.tokenizer_parity import reference, session_parity
     from ..exporters import FORMATS
+    from ..model import load_tokenizer
     from ..runtimes import RUNTIMES, open_runtime
 
     artifact = Path(artifact)
@@ -105,19 +112,10 @@ def validate_artifact(artifact: Path, threads: int | None, prompt: str = "def ma
         out = sess.generate([0] + sess.tokenize(prompt), tokens)
         facts = sess.describe() if hasattr(sess, "describe") else fmt.label
         if model is not None:
-            parity_result = _parity(sess, load_model_info(model), eval_text, parity)
+            parity_result = session_parity(sess, reference(load_tokenizer(load_model_info(model)),
+                                                           eval_text_path(eval_text)), parity)
     finally:
         sess.close()
     return {"artifact": str(artifact), "format": fmt.name, "facts": facts, "runtime": RUNTIMES[runtime].label,
             "kernel": sess.kernel, "generated": len(out), "threads": sess.threads, "tokenizer_parity": parity_result}
 
-
-def _parity(sess, info: ModelInfo, eval_text: str | None, mode: str) -> dict:
-    from ..calibration import eval_text_path
-    from ..evaluate.tokenizer_parity import check, reference
-    from ..model import load_tokenizer
-
-    own = getattr(sess, "runtime_tokenize", None)
-    if own is None:
-        return {"tokenizer": "hf", "mode": mode, "passed": True, "note": "the runtime tokenizes with the model's HF tokenizer"}
-    return check(own, reference(load_tokenizer(info), eval_text_path(eval_text)), mode)

@@ -66,16 +66,11 @@ def smoke(sess, spec: dict, logits_fn) -> dict:
 
 
 def tokenizer_parity(sess, spec: dict) -> dict:
-    """The runtime's own tokenizer (``runtime_tokenize``) against the HF tokenizer; a runtime that tokenizes with the
-    HF tokenizer itself is recorded as such."""
-    from ..evaluate.tokenizer_parity import check
+    """The runtime's own tokenizer against the HF tokenizer's ids the runner computed once for the build."""
+    from ..evaluate.tokenizer_parity import session_parity
 
     ref = json.loads(Path(spec["tokenizer_reference"]).read_text(encoding="utf-8"))
-    own = getattr(sess, "runtime_tokenize", None)
-    if own is None:
-        return {"tokenizer": "hf", "mode": spec["tokenizer_parity"], "passed": True,
-                "note": "the runtime tokenizes with the model's HF tokenizer"}
-    return check(own, ref, spec["tokenizer_parity"])
+    return session_parity(sess, ref, spec["tokenizer_parity"])
 
 
 def run(spec: dict) -> dict:
