@@ -49,6 +49,7 @@ if [ ! -f "$LLAMA_SRC/.complete-$LLAMA_VER" ]; then
   mkdir -p "$SDIST"
   [ -f "$SDIST/llama_cpp_python-$LLAMA_VER.tar.gz" ] || \
     $PIP download -q --no-deps --no-binary :all: -d "$SDIST" "llama-cpp-python==$LLAMA_VER"
+  mkdir -p "$(dirname "$LLAMA_SRC")"
   TMP=$(mktemp -d "$(dirname "$LLAMA_SRC")/llama.cpp.tmp.XXXX")
   tar xzf "$SDIST/llama_cpp_python-$LLAMA_VER.tar.gz" -C "$TMP" --strip-components=3 \
     --wildcards "llama_cpp_python-$LLAMA_VER/vendor/llama.cpp/models/ggml-vocab-*" \

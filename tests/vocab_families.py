@@ -30,15 +30,17 @@ def cases(family: str) -> list[tuple[str, list[int]]]:
     return [(t, [int(x) for x in o.split()]) for t, o in zip(inp, out, strict=False)]
 
 
-def _fields(path: Path) -> dict:
+ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
+
+
+def gguf_fields(path: Path) -> dict:
+    """A GGUF's tokenizer.ggml.* and general.* scalars (strings decoded), plus n_tokens."""
     import gguf
 
     r = gguf.GGUFReader(str(path))
     out = {}
-    for k in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.add_bos_token", "tokenizer.ggml.bos_token_id",
-              "tokenizer.ggml.eos_token_id"):
-        f = r.fields.get(k)
-        if f is not None:
+    for k, f in r.fields.items():
+        if k.startswith(("tokenizer.ggml.", "general.")) and k not in ARRAYS:
             v = f.parts[f.data[0]]
             out[k] = bytes(v).decode() if f.types[0] == gguf.GGUFValueType.STRING else v.tolist()[0]
     out["n_tokens"] = len(r.fields["tokenizer.ggml.tokens"].data)
@@ -53,7 +55,7 @@ def family_tokenizer(family: str, out: Path) -> dict:
     from quantprism.exporters.gguf_vocab import pre_table
 
     path = vocab_file(family)
-    facts = _fields(path)
+    facts = gguf_fields(path)
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     if facts["tokenizer.ggml.model"] == "gpt2":
         table = pre_table()

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from vocab_families import FAMILIES, LLAMA_CPP, cases, family_model, vocab_file
+from vocab_families import FAMILIES, LLAMA_CPP, cases, family_model, gguf_fields, vocab_file
 
 from conftest import require
 
@@ -33,19 +33,6 @@ def family_ggufs(vocab_dir, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     return out
 
 
-def _reader_fields(path: Path) -> dict:
-    import gguf
-
-    r = gguf.GGUFReader(str(path))
-    out = {}
-    for k, f in r.fields.items():
-        if k.startswith(("tokenizer.ggml.", "general.")) and k not in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges",
-                                                                      "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
-            v = f.parts[f.data[0]]
-            out[k] = bytes(v).decode() if f.types[0] == gguf.GGUFValueType.STRING else v.tolist()[0]
-    return out
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_llamacpp_tokenizes_every_reference_string_exactly(family_ggufs, family):
     require("llama_cpp")
@@ -64,8 +51,8 @@ def test_pre_tokenizer_names_and_metadata(family_ggufs):
 
     names = pre_table()["names"]
     for fam in FAMILIES:
-        f = _reader_fields(family_ggufs[fam][1])
-        original = _reader_fields(vocab_file(fam))
+        f = gguf_fields(family_ggufs[fam][1])
+        original = gguf_fields(vocab_file(fam))
         assert f["tokenizer.ggml.model"] == original["tokenizer.ggml.model"], fam
         if f["tokenizer.ggml.model"] == "gpt2":
             ours, theirs = names[f["tokenizer.ggml.pre"]], names[original["tokenizer.ggml.pre"]]
@@ -91,7 +78,7 @@ def test_special_and_user_defined_tokens_stay_whole(family_ggufs):
     text = "<|im_start|>user\nhi<|im_end|>"
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text, add_special_tokens=False)
     assert len(llm.tokenize(text.encode(), add_bos=False, special=False)) > len(tok.encode(text, add_special_tokens=False))
-    f = _reader_fields(path)
+    f = gguf_fields(path)
     assert bool(f["tokenizer.ggml.add_bos_token"]) == (tok.encode("a")[0] == tok.bos_token_id)
 
 
