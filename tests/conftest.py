@@ -74,7 +74,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def make_tiny_model(out: Path, arch: str = "llama", tied: bool = False, hidden: int = 256, layers: int = 2,
-                    inter: int = 512, vocab: int | None = None, seed: int = 0) -> Path:
+                    inter: int = 512, vocab: int | None = None, seed: int = 0, heads: int = 4, kv_heads: int = 2) -> Path:
     """A random-weight model of the given family, saved as safetensors with the bundled tokenizer."""
     import torch
     import transformers
@@ -82,7 +82,7 @@ def make_tiny_model(out: Path, arch: str = "llama", tied: bool = False, hidden: 
     torch.manual_seed(seed)
     vocab = vocab or 4096
     common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
                   tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1)
     if arch == "llama":
         cfg, cls = transformers.LlamaConfig(**common), transformers.LlamaForCausalLM

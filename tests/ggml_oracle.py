@@ -6,8 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-GGML_TYPES = {"Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
-TYPE_SIZE = {"Q8_0": (32, 34), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
+from quantprism.quantize.ggml_types import GGML_TYPES
 
 
 def ggml_lib() -> ctypes.CDLL | None:
@@ -30,12 +29,13 @@ def ggml_lib() -> ctypes.CDLL | None:
 def ggml_quantize(lib: ctypes.CDLL, qtype: str, x: np.ndarray, imatrix: np.ndarray | None) -> bytes:
     x = np.ascontiguousarray(x, dtype=np.float32)
     rows, k = x.shape
-    blk, size = TYPE_SIZE[qtype]
+    t = GGML_TYPES[qtype]
+    blk, size = t.block, t.type_size
     out = np.zeros(rows * (k // blk) * size, dtype=np.uint8)
     imp = None
     if imatrix is not None:
         imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
         imp = imatrix.ctypes.data
-    n = lib.ggml_quantize_chunk(GGML_TYPES[qtype], x.ctypes.data, out.ctypes.data, 0, rows, k, imp)
+    n = lib.ggml_quantize_chunk(t.ggml_id, x.ctypes.data, out.ctypes.data, 0, rows, k, imp)
     assert n == out.size
     return out.tobytes()

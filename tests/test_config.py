@@ -101,13 +101,14 @@ def test_missing_targets_file(tmp_path, run_cli):
 
 
 def test_shape_rules_against_model(tiny_models, tmp_path, run_cli):
-    # in_features 320 is not a multiple of 256: Q4_K_M cannot be built, group 64 can
+    # in_features 320 is not a multiple of 256: Q4_K_M is built as llama.cpp builds it (32-block fallback types);
+    # vLLM group 128 is refused, group 64 accepted
     from conftest import make_tiny_model
 
     odd = make_tiny_model(tmp_path / "odd", hidden=320, inter=640, layers=1)
     p = write(tmp_path, GOOD_TARGET)
-    rc, _, err = run_cli("targets", p, "--model", odd)
-    assert_one_line_error(rc, err, "[target.t]", "divisible by 256", "320")
+    rc, out, err = run_cli("targets", p, "--model", odd)
+    assert rc == 0, err
     tf = parse_targets(write(tmp_path, "[target.g]\nformat='gptq'\nruntime='vllm'\ngroup_size=128\n"))
     from quantprism.model import load_model_info
 

@@ -84,15 +84,17 @@ def family_tokenizer(family: str, out: Path) -> dict:
     return facts
 
 
-def family_model(family: str, out: Path, hidden: int = 64, seed: int = 0) -> Path:
+def family_model(family: str, out: Path, hidden: int = 64, seed: int = 0, *, inter: int | None = None,
+                 layers: int = 1, heads: int = 2, kv_heads: int = 1, tied: bool = False) -> Path:
     """A tiny random Llama carrying the family's tokenizer (vocab_size = the vocabulary file's)."""
     import torch
     import transformers
 
     facts = family_tokenizer(family, out)
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=facts["n_tokens"], hidden_size=hidden, intermediate_size=2 * hidden,
-                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+    cfg = transformers.LlamaConfig(vocab_size=facts["n_tokens"], hidden_size=hidden, intermediate_size=inter or 2 * hidden,
+                                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                   tie_word_embeddings=tied,
                                    max_position_embeddings=512, bos_token_id=facts.get("tokenizer.ggml.bos_token_id"),
                                    eos_token_id=facts.get("tokenizer.ggml.eos_token_id"))
     transformers.LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)

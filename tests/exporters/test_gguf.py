@@ -9,7 +9,8 @@ import pytest
 
 from quantprism.calibration import BUILTIN_EVAL
 from quantprism.config import parse_targets
-from quantprism.exporters.gguf import _permute_rows, grid_for, tensor_types, use_more_bits, write_gguf
+from quantprism.exporters.gguf import _permute_rows, grid_for, write_gguf
+from quantprism.exporters.gguf_types import tensor_types, use_more_bits
 from quantprism.model import load_model_info, load_tokenizer, load_torch_model
 from quantprism.pipeline import plan_recipes, run_stage
 
@@ -275,17 +276,60 @@ def test_plan_merged_into_export(tmp_path):
     assert llm("def f(", max_tokens=4, temperature=0.0)["usage"]["completion_tokens"] > 0
 
 
-@pytest.mark.parametrize("quant", ["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"])
-@pytest.mark.parametrize("tied", [False, True])
-def test_grid_needs_cover_every_tensor_type(quant, tied):
-    """The stage solves exactly what the writer will ask for (no missing grid at export time)."""
-    from quantprism.config import Target
-    from quantprism.exporters.grids import grid_needs
+def shapes_like(hidden: int, inter: int, layers: int = 8, tied: bool = False):
+    """What grid_needs reads from a ModelInfo, for a model of the given widths (4 heads, 1 KV head: GQA 4)."""
+    from types import SimpleNamespace
 
+    lin = {"q_proj": (hidden, hidden), "k_proj": (hidden // 4, hidden), "v_proj": (hidden // 4, hidden),
+           "o_proj": (hidden, hidden), "gate_proj": (inter, hidden), "up_proj": (inter, hidden),
+           "down_proj": (hidden, inter)}
+    shapes = {f"model.layers.{i}.{'self_attn' if k.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{k}": v
+              for i in range(layers) for k, v in lin.items()}
+    if not tied:
+        shapes["lm_head"] = (1000, hidden)
+    cfg = {"num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 1, "hidden_size": hidden}
+    return SimpleNamespace(config=cfg, linear_shapes=shapes, tied_embeddings=tied)
+
+
+@pytest.mark.parametrize("quant", ["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q6_K", "Q8_0", "Q4_0", "IQ4_XS"])
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("hidden", [256, 576, 896, 960])
+def test_grid_needs_cover_every_tensor_type(quant, tied, hidden):
+    """The stage solves exactly what the writer will ask for (no missing grid at export time), for rows that fit
+    the 256-blocks and for the widths where llama.cpp falls back."""
+    from quantprism.config import Target
+    from quantprism.exporters.gguf_types import model_types
+    from quantprism.exporters.grids import grid_needs
+    from quantprism.quantize.stage import fits
+
+    info = shapes_like(hidden, {256: 512, 576: 1536, 896: 4864, 960: 2560}[hidden], tied=tied)
     for im in (True, False):
-        needs = grid_needs(Target(name="t", format="gguf", runtime="llamacpp", quant=quant, imatrix=im))
-        for mod, t in tensor_types(quant, 8, tied).items():
+        needs = grid_needs(Target(name="t", format="gguf", runtime="llamacpp", quant=quant, imatrix=im), info)
+        for mod, t in model_types(quant, info, imatrix=im).items():
             gid = grid_for(t, mod, im, tied)
             where = needs.grids if mod.startswith("model.layers.") else (
                 needs.head if mod == "lm_head" or tied else needs.embed)
             assert gid in where, (quant, im, mod, gid, needs)
+            k = info.linear_shapes.get(mod, (0, hidden))[1]
+            assert fits(gid, k), (quant, mod, gid, k)  # the stage solves it for this module
+
+
+def test_fallback_types_follow_llama_cpp():
+    """llama.cpp's tensor_type_fallback and output rule on a 576-wide model (FFN 1536), as llama-quantize logs it."""
+    from quantprism.exporters.gguf_types import model_types
+
+    info = shapes_like(576, 1536, layers=8)
+    t = model_types("Q4_K_M", info)
+    assert t["model.layers.0.self_attn.q_proj"] == "Q5_0"  # Q4_K → Q5_0 (576 % 256)
+    assert t["model.layers.0.self_attn.v_proj"] == "Q8_0"  # Q6_K (use_more_bits) → Q8_0
+    assert t["model.layers.0.mlp.down_proj"] == "Q6_K"  # 1536 % 256 == 0: no fallback
+    assert t["model.layers.1.mlp.down_proj"] == "Q4_K"
+    assert t["lm_head"] == "Q8_0" and t["model.embed_tokens"] == "Q5_0"
+    assert model_types("Q5_K_S", info)["model.layers.3.mlp.up_proj"] == "Q5_1"
+    assert model_types("IQ4_XS", info)["model.layers.3.mlp.up_proj"] == "IQ4_NL"
+    assert model_types("IQ4_XS", info)["model.layers.3.self_attn.v_proj"] == "Q5_1"  # GQA ≥ 4: Q5_K → Q5_1
+    assert model_types("IQ4_XS", info, imatrix=False)["model.layers.0.mlp.down_proj"] == "Q5_K"
+    assert model_types("Q4_0", info)["model.layers.0.mlp.down_proj"] == "Q4_1"  # only with an imatrix
+    assert model_types("Q4_0", info, imatrix=False)["model.layers.0.mlp.down_proj"] == "Q4_0"
+    assert model_types("Q4_K_S", info)["model.layers.3.self_attn.v_proj"] == "Q5_1"  # i < 4: Q5_K → Q5_1
+    assert model_types("Q6_K", shapes_like(600, 1536))["model.layers.0.self_attn.q_proj"] == "F16"  # 600 % 32

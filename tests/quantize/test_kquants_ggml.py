@@ -1,11 +1,14 @@
-"""Our k-quant encoders (RTN) are bit-identical to llama.cpp's ggml_quantize_chunk, with and without imatrix."""
+"""Our GGML encoders (RTN) are bit-identical to llama.cpp's ggml_quantize_chunk, with and without imatrix: the
+k-quants, the 32-element fallbacks llama.cpp writes for rows that are not multiples of 256 (Q4_0, Q4_1, Q5_0,
+Q5_1, IQ4_NL, on a 576-wide row) and IQ4_XS."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from quantprism.exporters.kquants import pack
-from quantprism.quantize import kquants as kq
+from quantprism.quantize.ggml_types import GGML_TYPES
+from quantprism.quantize.grids import KQUANT_TYPES, KQuantGrid
 
 from conftest import require
 from ggml_oracle import ggml_lib, ggml_quantize
@@ -27,40 +30,40 @@ def weights(rows: int, k: int, seed: int) -> np.ndarray:
 
 
 def encode(qtype: str, x, imatrix):
-    if qtype in ("Q4_K", "Q5_K"):
-        return kq.quantize_qk_minmax(x, imatrix, 4 if qtype == "Q4_K" else 5)
-    if qtype == "Q6_K":
-        return kq.quantize_q6_k(x, imatrix)
-    return kq.quantize_q8_0(x)
+    return KQuantGrid(qtype, imatrix is not None)._encode(x, imatrix)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K", "Q8_0"])
+def width(qtype: str) -> int:
+    """A 32-block type is tested on a 576-wide row (the case llama.cpp falls back for), a 256-block one on 768."""
+    return 768 if GGML_TYPES[qtype].block == 256 else 576
+
+
+@pytest.mark.parametrize("qtype", KQUANT_TYPES)
 @pytest.mark.parametrize("use_imatrix", [False, True])
 def test_bit_identical_to_ggml(qtype, use_imatrix):
-    x = weights(64, 768, seed=1)
+    k = width(qtype)
+    x = weights(64, k, seed=1)
     imatrix = None
     if use_imatrix:
-        imatrix = (np.random.default_rng(2).random(768).astype(np.float32) ** 3) * 4 + 1e-4
+        imatrix = (np.random.default_rng(2).random(k).astype(np.float32) ** 3) * 4 + 1e-4
     ours = pack(qtype, encode(qtype, x, imatrix))
     ref = ggml_quantize(LIB, qtype, x, imatrix)
-    blk = {"Q8_0": 34, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}[qtype]
+    blk = GGML_TYPES[qtype].type_size
     a = np.frombuffer(ours, np.uint8).reshape(-1, blk)
     b = np.frombuffer(ref, np.uint8).reshape(-1, blk)
     bad = np.flatnonzero((a != b).any(axis=1))
     assert bad.size == 0, f"{bad.size}/{a.shape[0]} blocks differ, first {bad[:5]}"
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K", "Q8_0"])
+@pytest.mark.parametrize("qtype", KQUANT_TYPES)
 def test_dequantize_matches_gguf_py(qtype):
     from gguf import GGMLQuantizationType, quants
 
     x = weights(8, 512, seed=3)
     p = encode(qtype, x, None)
-    ours = {"Q4_K": lambda: kq.dequant_qk_minmax(p["codes"], p["d"], p["dmin"], p["sc"], p["m"]),
-            "Q5_K": lambda: kq.dequant_qk_minmax(p["codes"], p["d"], p["dmin"], p["sc"], p["m"]),
-            "Q6_K": lambda: kq.dequant_q6_k(p["codes"], p["d"], p["sc"]),
-            "Q8_0": lambda: kq.dequant_q8_0(p["codes"], p["d"])}[qtype]()
-    raw = np.frombuffer(pack(qtype, p), np.uint8).reshape(8, -1)
+    codes = p.pop("codes")
+    ours = KQuantGrid(qtype, False).dequantize(codes, p)
+    raw = np.frombuffer(pack(qtype, {"codes": codes, **p}), np.uint8).reshape(8, -1)
     theirs = quants.dequantize(raw, getattr(GGMLQuantizationType, qtype))
     np.testing.assert_array_equal(ours, theirs.astype(np.float32))
     assert np.abs(ours - x).max() < np.abs(x).max() * 0.2

@@ -44,7 +44,9 @@ def _layer_inputs(model, ids, layer_idx):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("grid, act_order", [(IntGrid(4, 128, True), True), (IntGrid(4, 64, False), False),
-                                             (KQuantGrid("Q4_K", True), False)],
+                                             (KQuantGrid("Q4_K", True), False), (KQuantGrid("Q5_0", True), False),
+                                             (KQuantGrid("Q4_1", True), False), (KQuantGrid("IQ4_NL", True), False),
+                                             (KQuantGrid("IQ4_XS", True), False)],
                          ids=lambda v: v.id if hasattr(v, "id") else f"act_order={v}")
 def test_gptq_lowers_every_layer_output_error_vs_rtn(bundled, grid, act_order):
     info, calib = bundled

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..config import Target
 from ..errors import ArtifactError
+from ..model import ModelInfo
 from ..quantize.grids import QuantizedTensor
 from .base import ExportSpec
 from .grids import GridNeeds, int_grid
@@ -63,7 +64,7 @@ class AWQFormat(VLLMFormat):
         if vals.get("group_size", 128) == -1:
             raise ConfigError(f"{where} key 'group_size': AWQ needs a group size (32/64/128)")
 
-    def grid_needs(self, t: Target) -> GridNeeds:
+    def grid_needs(self, t: Target, info: ModelInfo | None = None) -> GridNeeds:
         return GridNeeds((int_grid(4, t.group_size, False, "fp16"),))
 
     pack_module = staticmethod(pack_module)

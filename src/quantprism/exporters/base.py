@@ -99,14 +99,15 @@ class Format:
         return None
 
     # -- the canonical stage -----------------------------------------------------------------------------------
-    def grid_needs(self, t: Target) -> GridNeeds:
+    def grid_needs(self, t: Target, info: ModelInfo | None = None) -> GridNeeds:
+        """The grids the stage must solve for ``t`` (``info``: the model, where its shapes change the answer)."""
         raise NotImplementedError
 
     # -- export ------------------------------------------------------------------------------------------------
     def module_grids(self, t: Target, info: ModelInfo, canonical, plan: dict | None) -> dict[str, str | None]:
         """Grid id per canonical module the artifact carries (None = fp). Default: the main grid on every decoder
         linear, the plan's higher grid on protected ones, the head grid (if any) on lm_head."""
-        needs = self.grid_needs(t)
+        needs = self.grid_needs(t, info)
         protected = set((plan or {}).get("protected", []))
         high = (plan or {}).get("high_grid")
         out: dict[str, str | None] = {}

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..config import Target
 from ..errors import ArtifactError
+from ..model import ModelInfo
 from ..quantize.grids import QuantizedTensor, grid_from_id
 from .base import ExportSpec
 from .grids import GridNeeds, int8_reduced, int_grid
@@ -135,7 +136,7 @@ class CompressedTensorsFormat(VLLMFormat):
             return 8, -1 if t.quant == "W8A8" else t.group_size
         return t.bits, t.group_size
 
-    def grid_needs(self, t: Target) -> GridNeeds:
+    def grid_needs(self, t: Target, info: ModelInfo | None = None) -> GridNeeds:
         if t.quant == "W8A8":
             return GridNeeds((int_grid(8, -1, True, "fp16", narrow=True, reduced=int8_reduced(t)),))
         if t.quant == "W8A16":

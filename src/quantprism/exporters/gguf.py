@@ -16,24 +16,23 @@ import numpy as np
 from ..config import Target
 from ..errors import ArtifactError, ConfigError
 from ..model import ModelInfo
-from ..quantize.ggml_types import GGML_TYPES
+from ..quantize.mixed import higher_grid
 from .base import ExportSpec, Format
+from .gguf_types import (
+    DEFAULT_TYPE,
+    FILE_TYPES,
+    LINEAR_NAMES,
+    fallback,
+    model_ncols,
+    model_types,
+    tensor_types,
+)
 from .gguf_vocab import read_vocab
 from .grids import GridNeeds
 from .kquants import pack
 from .state import canonical_fp_state
 
-FILE_TYPES = {"F32": 0, "F16": 1, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}  # llama_ftype
-LINEAR_NAMES = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
 NORM_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-
-
-def use_more_bits(i: int, n: int) -> bool:
-    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
 def gguf_name(module: str) -> str:
@@ -46,36 +45,6 @@ def gguf_name(module: str) -> str:
     return f"blk.{i}.{LINEAR_NAMES[rest]}"
 
 
-def tensor_types(file_type: str, n_layers: int, tied: bool, plan: dict | None = None) -> dict[str, str]:
-    """GGML type per HF module: llama.cpp's rules for a dense model, then our mixed-precision plan on top.
-
-    A protected tensor (plan["protected"]) takes the plan's higher grid type unless the mixture rule
-    already gives it at least as many bits — the plan only ever adds precision.
-    """
-    base = {"Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K", "Q8_0": "Q8_0", "F16": "F16", "F32": "F32"}[file_type]
-    high = {"Q4_K_M": "Q6_K", "Q5_K_M": "Q6_K"}.get(file_type, base)
-    head = {"Q8_0": "Q8_0", "F16": "F16", "F32": "F32"}.get(file_type, "Q6_K")
-    out: dict[str, str] = {}
-    for i in range(n_layers):
-        for lin in LINEAR_NAMES:
-            more = lin in ("self_attn.v_proj", "mlp.down_proj") and use_more_bits(i, n_layers)
-            out[f"model.layers.{i}.{lin}"] = high if more else base
-    if tied:
-        out["model.embed_tokens"] = head  # the tied embedding takes the output rule
-    else:
-        out["model.embed_tokens"] = base
-        out["lm_head"] = head
-    if plan:
-        up = plan["high_grid"].split("_imat")[0].upper()
-        for mod in plan.get("protected", []):
-            if TYPE_BITS[up] > TYPE_BITS[out[mod]]:
-                out[mod] = up
-    return out
-
-
-TYPE_BITS = {name: t.bits for name, t in GGML_TYPES.items()}
-
-
 def grid_for(ggml_type: str, module: str, imatrix: bool, tied: bool) -> str | None:
     """The canonical grid a tensor's GGML type is packed from (token_embd is never imatrix-weighted)."""
     if ggml_type in ("F16", "F32"):
@@ -85,11 +54,9 @@ def grid_for(ggml_type: str, module: str, imatrix: bool, tied: bool) -> str | No
     return ggml_type.lower() + ("_imat" if imatrix else "")
 
 
-def reference_choice(file_type: str, n_layers: int, tied: bool, imatrix: bool = True,
-                     plan: dict | None = None) -> Callable[[str], str | None]:
+def choice_from_types(types: dict[str, str], tied: bool, imatrix: bool = True) -> Callable[[str], str | None]:
     """The canonical grid each module is written with (None = fp), keyed as the canonical result keys it
     (a tied embedding is solved as lm_head)."""
-    types = tensor_types(file_type, n_layers, tied, plan)
 
     def choose(mod: str) -> str | None:
         src = "model.embed_tokens" if tied and mod == "lm_head" else mod
@@ -99,6 +66,12 @@ def reference_choice(file_type: str, n_layers: int, tied: bool, imatrix: bool = 
         return grid_for(t, src, imatrix, tied) if t else None
 
     return choose
+
+
+def reference_choice(file_type: str, info: ModelInfo, imatrix: bool = True,
+                     plan: dict | None = None) -> Callable[[str], str | None]:
+    """choice_from_types for one checkpoint (its shapes decide llama.cpp's fallbacks)."""
+    return choice_from_types(model_types(file_type, info, plan, imatrix), info.tied_embeddings, imatrix)
 
 
 def _permute_rows(a: np.ndarray, n_head: int) -> np.ndarray:
@@ -126,8 +99,8 @@ def write_gguf(out: Path, info: ModelInfo, canonical, file_type: str, imatrix: b
     n_head = int(cfg["num_attention_heads"])
     n_kv = int(cfg.get("num_key_value_heads", n_head))
     head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // n_head)
-    types = tensor_types(file_type, n_layers, info.tied_embeddings, plan)
-    choose = reference_choice(file_type, n_layers, info.tied_embeddings, imatrix, plan)
+    types = model_types(file_type, info, plan, imatrix)
+    choose = choice_from_types(types, info.tied_embeddings, imatrix)
     fp_dtype = np.float32 if file_type == "F32" else np.float16
     rope = cfg.get("rope_parameters") or {}
     fp_state = canonical_fp_state(info, canonical)
@@ -210,11 +183,9 @@ def write_gguf(out: Path, info: ModelInfo, canonical, file_type: str, imatrix: b
     return out
 
 
-GGUF_QUANTS = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16")
-# K-quant super-block (256) or Q8_0 block (32): in_features must be a multiple of it.
-GGUF_BLOCK = {ft: GGML_TYPES[base].block for ft, base in
-              {"Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K", "Q8_0": "Q8_0", "F16": "F16"}.items()}
-MAIN_TYPE = {"Q4_K_M": ("q4_k", "q6_k"), "Q5_K_M": ("q5_k", "q6_k"), "Q6_K": ("q6_k",), "Q8_0": ("q8_0",)}
+GGUF_QUANTS = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q6_K", "Q8_0", "Q4_0", "IQ4_XS", "F16")
+BITS_GROUP = {"Q4_K_M": (4, 32), "Q4_K_S": (4, 32), "Q5_K_M": (5, 32), "Q5_K_S": (5, 32), "Q6_K": (6, 16),
+              "Q8_0": (8, 32), "Q4_0": (4, 32), "IQ4_XS": (4, 32), "F16": (16, -1)}
 
 
 class GGUFFormat(Format):
@@ -231,26 +202,33 @@ class GGUFFormat(Format):
             raise ConfigError(f"{where} key 'method': AWQ scaling has no effect at {quant}; use rtn or gptq")
 
     def bits_group(self, t: Target) -> tuple[int, int]:
-        return {"Q4_K_M": (4, 32), "Q5_K_M": (5, 32), "Q6_K": (6, 16), "Q8_0": (8, 32), "F16": (16, -1)}[t.quant or ""]
+        return BITS_GROUP[t.quant or "F16"]
 
     def shape_problem(self, t: Target, linear_shapes: dict[str, tuple[int, int]]) -> str | None:
-        block = GGUF_BLOCK[t.quant or "F16"]
-        for name, (_, k) in linear_shapes.items():
-            if k % block:
-                return f"{t.quant} needs in_features divisible by {block}, but {name} has {k}; choose Q8_0 or another model"
-        return None
+        return None  # llama.cpp writes every row length: a 32-block type where 256 does not divide, else F16
 
-    def grid_needs(self, t: Target) -> GridNeeds:
-        if t.quant not in MAIN_TYPE:
-            return GridNeeds(())  # F16: nothing to quantize
-        im = "_imat" if t.imatrix else ""
-        types = MAIN_TYPE[t.quant]
-        grids = tuple(x if x == "q8_0" else x + im for x in types)
-        return GridNeeds(grids, (grids[-1],), (types[0],))  # token_embd: never imatrix-weighted
+    def grid_needs(self, t: Target, info: ModelInfo | None = None) -> GridNeeds:
+        """Exactly the grids the writer will pack for ``info`` (its shapes decide the fallbacks); without a model,
+        a nominal one whose rows fit every block."""
+        default = DEFAULT_TYPE[t.quant or "F16"]
+        if default in ("F16", "F32"):
+            return GridNeeds(())  # nothing to quantize
+        if info is None:
+            types, tied, cols = tensor_types(t.quant, 8, False, imatrix=t.imatrix), False, {}
+        else:
+            types, tied, cols = model_types(t.quant, info, None, t.imatrix), info.tied_embeddings, model_ncols(info)
+        layers = [m for m in types if m.startswith("model.layers.")]
+        grids = [grid_for(default, layers[0], t.imatrix, tied)] + [grid_for(types[m], m, t.imatrix, tied) for m in layers]
+        if t.protect > 0 or t.max_bpw is not None:  # a protected tensor may need the higher type's fallback
+            up = higher_grid(grids[0]).split("_imat")[0].upper()
+            grids += [grid_for(fallback(up, cols[m]) if m in cols else up, m, t.imatrix, tied) for m in layers]
+        head = "model.embed_tokens" if tied else "lm_head"
+        embed = () if tied else (grid_for(types["model.embed_tokens"], "model.embed_tokens", t.imatrix, tied),)
+        return GridNeeds(tuple(g for g in dict.fromkeys(grids) if g), (grid_for(types[head], head, t.imatrix, tied),),
+                         tuple(g for g in embed if g))
 
     def module_grids(self, t: Target, info: ModelInfo, canonical, plan: dict | None) -> dict[str, str | None]:
-        choose = reference_choice(t.quant or "F16", int(info.config["num_hidden_layers"]), info.tied_embeddings,
-                                  t.imatrix, plan)
+        choose = reference_choice(t.quant or "F16", info, t.imatrix, plan)
         return {m: choose(m) for m in (canonical.quant if canonical is not None else {})}
 
     def export(self, spec: ExportSpec, info: ModelInfo, canonical, dest: Path) -> Path:

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..config import Target
 from ..errors import ArtifactError
+from ..model import ModelInfo
 from ..quantize.grids import QuantizedTensor, grid_from_id
 from .base import ExportSpec
 from .grids import GridNeeds, int_grid
@@ -92,7 +93,7 @@ class GPTQFormat(VLLMFormat):
         if gs not in GPTQ_GROUP_SIZES:
             raise ConfigError(f"{where} key 'group_size': vLLM 0.32 loads GPTQ with group_size -1, 32, 64 or 128, got {gs}")
 
-    def grid_needs(self, t: Target) -> GridNeeds:
+    def grid_needs(self, t: Target, info: ModelInfo | None = None) -> GridNeeds:
         return GridNeeds((int_grid(t.bits, t.group_size, True, "fp16"),))
 
     pack_module = staticmethod(pack_module)

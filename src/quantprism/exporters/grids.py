@@ -30,8 +30,8 @@ def int8_reduced(t: Target) -> bool:
     return int8_pairs_saturate(t.hardware)
 
 
-def grid_needs(t: Target) -> GridNeeds:
-    """What ``t``'s format needs from the canonical stage."""
+def grid_needs(t: Target, info=None) -> GridNeeds:
+    """What ``t``'s format needs from the canonical stage (for model ``info``, where shapes matter)."""
     from . import FORMATS
 
-    return FORMATS[t.format].grid_needs(t)
+    return FORMATS[t.format].grid_needs(t, info)

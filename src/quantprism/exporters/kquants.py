@@ -97,6 +97,41 @@ def pack_q8_0(codes: np.ndarray, d: np.ndarray) -> bytes:
     return out.tobytes()
 
 
+def _nibbles_32(q: np.ndarray) -> np.ndarray:
+    """[B, 32] codes → 16 bytes: byte j = e[j] | e[16+j] << 4 (Q4_0/Q4_1/Q5_*/IQ4 low nibbles)."""
+    return ((q[:, :16] & 0xF) | ((q[:, 16:] & 0xF) << 4)).astype(np.uint8)
+
+
+def _qh_32(q: np.ndarray) -> np.ndarray:
+    """[B, 32] 5-bit codes → 4 bytes: bit i of a little-endian uint32 = bit 4 of element i."""
+    bits = ((q >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
+    return np.ascontiguousarray(np.bitwise_or.reduce(bits, axis=1).astype("<u4")).view(np.uint8).reshape(-1, 4)
+
+
+def pack_legacy(codes: np.ndarray, d: np.ndarray, m: np.ndarray | None, bits: int) -> bytes:
+    """Q4_0 / Q4_1 / Q5_0 / Q5_1 (also IQ4_NL, laid out as Q4_0): d [, m] [, qh] then qs, per 32 elements."""
+    q = codes.reshape(-1, 32)
+    parts = [_fp16_bytes(d.reshape(-1))]
+    if m is not None:
+        parts.append(_fp16_bytes(m.reshape(-1)))
+    if bits == 5:
+        parts.append(_qh_32(q))
+    parts.append(_nibbles_32(q))
+    return np.concatenate(parts, axis=1).tobytes()
+
+
+def pack_iq4_xs(codes: np.ndarray, d: np.ndarray, sc: np.ndarray) -> bytes:
+    """IQ4_XS: d (fp16), scales_h (uint16: 2 high bits per 32-block), scales_l (4 bytes of nibbles), qs[128]."""
+    B = d.size
+    ls = (sc.reshape(B, 8).astype(np.int16) + 32).astype(np.uint16)  # 6-bit, 0..63
+    low = (ls & 0xF).astype(np.uint8)
+    sl = low[:, 0::2] | (low[:, 1::2] << 4)
+    sh = np.bitwise_or.reduce((ls >> 4) << (2 * np.arange(8, dtype=np.uint16)), axis=1).astype("<u2")
+    qs = _nibbles_32(codes.reshape(-1, 32)).reshape(B, 128)
+    return np.concatenate([_fp16_bytes(d.reshape(B)), np.ascontiguousarray(sh).view(np.uint8).reshape(B, 2),
+                           sl.astype(np.uint8), qs], axis=1).tobytes()
+
+
 class Packer:
     """One GGML type's byte layout (gguf-py style: one class per type, registered by it)."""
 
@@ -137,7 +172,27 @@ class Q80(Packer):
         return pack_q8_0(p["codes"], p["d"])
 
 
-PACKERS: dict[str, Packer] = {c.ggml.name: c() for c in (Q4K, Q5K, Q6K, Q80)}
+class Legacy(Packer):
+    """The 32-element types: symmetric (Q4_0, Q5_0, IQ4_NL: d only) or with a min (Q4_1, Q5_1)."""
+
+    def __init__(self, name: str, bits: int) -> None:
+        self.ggml = GGML_TYPES[name]
+        self.bits = bits
+
+    def pack(self, p: dict[str, np.ndarray]) -> bytes:
+        return pack_legacy(p["codes"], p["d"], p.get("m"), self.bits)
+
+
+class IQ4XS(Packer):
+    ggml = GGML_TYPES["IQ4_XS"]
+
+    def pack(self, p: dict[str, np.ndarray]) -> bytes:
+        return pack_iq4_xs(p["codes"], p["d"], p["sc"])
+
+
+PACKERS: dict[str, Packer] = {c.ggml.name: c for c in (
+    Q4K(), Q5K(), Q6K(), Q80(), IQ4XS(),
+    Legacy("Q4_0", 4), Legacy("Q4_1", 4), Legacy("Q5_0", 5), Legacy("Q5_1", 5), Legacy("IQ4_NL", 4))}
 
 
 def pack(qtype: str, params: dict[str, np.ndarray]) -> bytes:

@@ -300,7 +300,7 @@ class OnnxFormat(Format):
             return 8, -1
         return (8 if t.quant == "nbits8" else 4), t.group_size
 
-    def grid_needs(self, t: Target) -> GridNeeds:
+    def grid_needs(self, t: Target, info: ModelInfo | None = None) -> GridNeeds:
         if t.quant == "w8a8":
             return GridNeeds((int_grid(8, -1, True, "fp32", narrow=True, reduced=int8_reduced(t)),))
         return GridNeeds((int_grid(8 if t.quant == "nbits8" else 4, t.group_size, t.symmetric, "fp32"),))

@@ -177,7 +177,7 @@ def build(targets: list[Target], info: ModelInfo, s: BuildSettings, progress=Non
     s.out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict] = {}
     t0 = time.perf_counter()
-    recipes, index = plan_recipes(targets)
+    recipes, index = plan_recipes(targets, info)
     s.log(f"canonical stage: {len(recipes)} recipe(s) for {len(targets)} target(s)")
     run = run_stage(info, recipes, s.calibration, s.samples, s.seq_len, s.seed, progress=progress)
     s.seconds["canonical_stage"] = round(time.perf_counter() - t0, 1)

@@ -45,7 +45,7 @@ def quantize(tf: TargetsFile, info: ModelInfo, only: list[str], calibration: str
 
     d = tf.defaults
     targets = targets_of(tf, only)
-    recipes, index = plan_recipes(targets)
+    recipes, index = plan_recipes(targets, info)
     if not recipes:
         return QuantizeOutcome(None, [], {})
     if on_total is not None:

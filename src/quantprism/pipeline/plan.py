@@ -24,9 +24,9 @@ METHOD_TO_RECIPE = {
 }
 
 
-def _base_recipe(t: Target) -> Recipe:
+def _base_recipe(t: Target, info: ModelInfo | None) -> Recipe:
     transform, method = METHOD_TO_RECIPE[t.method]
-    needs = grid_needs(t)
+    needs = grid_needs(t, info)
     grids = needs.grids
     mixed = bool(grids) and (t.protect > 0 or t.max_bpw is not None)
     if mixed:  # protected tensors need the next grid up, solved in the same pass
@@ -37,12 +37,13 @@ def _base_recipe(t: Target) -> Recipe:
                   sensitivity=mixed)
 
 
-def plan_recipes(targets: list[Target]) -> tuple[list[Recipe], dict[str, int]]:
-    """Merge targets into recipes: same transform/method/settings → one recipe with the union of grids."""
+def plan_recipes(targets: list[Target], info: ModelInfo | None = None) -> tuple[list[Recipe], dict[str, int]]:
+    """Merge targets into recipes: same transform/method/settings → one recipe with the union of grids.
+    ``info``: the model, whose shapes decide some grids (GGUF's fallback types for rows not a multiple of 256)."""
     recipes: list[Recipe] = []
     index: dict[str, int] = {}
     for t in targets:
-        r = _base_recipe(t)
+        r = _base_recipe(t, info)
         if not r.grids:
             continue  # nothing to quantize (e.g. GGUF F16)
         for i, other in enumerate(recipes):

@@ -17,7 +17,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from ..errors import QuantprismError
 from . import kquants as kq
+from . import legacy as lg
 from .ggml_types import GGML_TYPES
 
 Params = dict[str, torch.Tensor]
@@ -179,12 +181,63 @@ def Int8ChannelGrid(scale_dtype: str = "fp32") -> IntGrid:  # noqa: N802 (a grid
     return IntGrid(bits=8, group_size=-1, symmetric=True, scale_dtype=scale_dtype, narrow=True)
 
 
-KQUANT_TYPES = ("Q4_K", "Q5_K", "Q6_K", "Q8_0")
+KQUANT_TYPES = ("Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS")
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How one GGML type reconstructs a weight inside a block: the encoder, its exact dequantizer, the columns
+    one scale covers, and the code kind — "minmax" w = s·q − min, "sym" w = s·(q − offset) with q in [lo, hi],
+    "nl" w = s·v[q] on the IQ4 levels."""
+
+    encode: Any
+    dequant: Any
+    sub: int
+    kind: str
+    lo: int = 0
+    hi: int = 0
+    offset: int = 0
+
+
+def _minmax_k(bits: int) -> _Layout:
+    return _Layout(lambda x, i: kq.quantize_qk_minmax(x, i, bits),
+                   lambda c, p: kq.dequant_qk_minmax(c, p["d"], p["dmin"], p["sc"], p["m"]), 32, "minmax", 0, (1 << bits) - 1)
+
+
+def _legacy_sym(bits: int) -> _Layout:
+    h = 1 << (bits - 1)
+    return _Layout(lambda x, i: lg.quantize_sym(x, i, bits), lambda c, p: lg.dequant_sym(c, p["d"], bits),
+                   32, "sym", 0, 2 * h - 1, h)
+
+
+def _legacy_minmax(bits: int) -> _Layout:
+    return _Layout(lambda x, i: lg.quantize_minmax(x, i, bits), lambda c, p: lg.dequant_minmax(c, p["d"], p["m"]),
+                   32, "minmax", 0, (1 << bits) - 1)
+
+
+LAYOUTS: dict[str, _Layout] = {
+    "Q4_K": _minmax_k(4), "Q5_K": _minmax_k(5),
+    "Q6_K": _Layout(kq.quantize_q6_k, lambda c, p: kq.dequant_q6_k(c, p["d"], p["sc"]), 16, "sym", 0, 63, 32),
+    "Q8_0": _Layout(lambda x, i: kq.quantize_q8_0(x), lambda c, p: kq.dequant_q8_0(c, p["d"]), 32, "sym", 1, 255, 128),
+    "Q4_0": _legacy_sym(4), "Q5_0": _legacy_sym(5), "Q4_1": _legacy_minmax(4), "Q5_1": _legacy_minmax(5),
+    "IQ4_NL": _Layout(lg.quantize_iq4_nl, lambda c, p: lg.dequant_iq4_nl(c, p["d"]), 32, "nl"),
+    "IQ4_XS": _Layout(lg.quantize_iq4_xs, lambda c, p: lg.dequant_iq4_xs(c, p["d"], p["sc"]), 32, "nl"),
+}
+
+
+def _block_scale_min(t: str, p: Params) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-sub-block effective scale [N, n_sub] and min (w = s·q − min) of one fitted block."""
+    if t in ("Q4_K", "Q5_K"):
+        return p["d"][:, 0:1] * p["sc"][:, 0].float(), p["dmin"][:, 0:1] * p["m"][:, 0].float()
+    if t in ("Q6_K", "IQ4_XS"):
+        return p["d"][:, 0:1] * p["sc"][:, 0].float(), None
+    return p["d"][:, 0:1], (-p["m"][:, 0:1] if "m" in p else None)
 
 
 @dataclass(frozen=True)
 class KQuantGrid:
-    """llama.cpp block types. ``imatrix``: fit with importance weights (llama.cpp's *_impl path)."""
+    """llama.cpp block types (k-quants, legacy 32-blocks, IQ4). ``imatrix``: fit with importance weights
+    (llama.cpp's *_impl path); Q8_0 ignores it, as ggml does."""
 
     type: str = "Q4_K"
     imatrix: bool = True
@@ -201,49 +254,41 @@ class KQuantGrid:
         return GGML_TYPES[self.type].block
 
     def _encode(self, w: np.ndarray, imp: np.ndarray | None) -> dict[str, np.ndarray]:
-        imp = imp if self.imatrix else None
-        if self.type in ("Q4_K", "Q5_K"):
-            return kq.quantize_qk_minmax(w, imp, 4 if self.type == "Q4_K" else 5)
-        if self.type == "Q6_K":
-            return kq.quantize_q6_k(w, imp)
-        return kq.quantize_q8_0(w)
+        return LAYOUTS[self.type].encode(w, imp if self.imatrix else None)
 
     def fit(self, w: torch.Tensor, importance: torch.Tensor | None, clip: bool) -> Params:
         """llama.cpp's own parameter search on the (error-updated) block; the codes are discarded."""
         imp = None if importance is None else importance.float().numpy()
         enc = self._encode(w.float().numpy(), imp)
         p: Params = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in enc.items() if k != "codes"}
-        if self.type in ("Q4_K", "Q5_K"):
-            p["_scale"] = p["d"][:, 0:1] * p["sc"][:, 0].float()  # [N, 8] per-sub-block scale
-            p["_min"] = p["dmin"][:, 0:1] * p["m"][:, 0].float()
-        elif self.type == "Q6_K":
-            p["_scale"] = p["d"][:, 0:1] * p["sc"][:, 0].float()  # [N, 16]
+        p["_scale"], mn = _block_scale_min(self.type, p)
+        if mn is not None:
+            p["_min"] = mn
         return p
 
-    def _col_scale(self, p: Params, j: int) -> torch.Tensor:
-        if self.type == "Q8_0":
-            return p["d"][:, 0]
-        sub = j // (32 if self.type in ("Q4_K", "Q5_K") else 16)
-        return p["_scale"][:, sub]
-
     def quant_col(self, w: torch.Tensor, p: Params, j: int) -> torch.Tensor:
-        s = self._col_scale(p, j)
+        lay = LAYOUTS[self.type]
+        sub = j // lay.sub
+        s = p["_scale"][:, sub]
         nz = s != 0
         ss = torch.where(nz, s, torch.ones_like(s))
-        if self.type in ("Q4_K", "Q5_K"):
-            dm = p["_min"][:, j // 32]
-            q = torch.clamp(torch.round((w + dm) / ss), 0, 15 if self.type == "Q4_K" else 31)
-        elif self.type == "Q6_K":
-            q = torch.clamp(torch.round(w / ss), -32, 31) + 32
+        if lay.kind == "minmax":
+            q = torch.clamp(torch.round((w + p["_min"][:, sub]) / ss), lay.lo, lay.hi)
+        elif lay.kind == "sym":
+            q = torch.clamp(torch.round(w / ss) + lay.offset, lay.lo, lay.hi)
         else:
-            q = torch.clamp(torch.round(w / ss), -127, 127) + 128
-        return torch.where(nz, q, torch.zeros_like(q) + (32 if self.type == "Q6_K" else 128 if self.type == "Q8_0" else 0))
+            q = torch.from_numpy(lg.iq4_index((w / ss).numpy().astype(np.float32))).float()
+        return torch.where(nz, q, torch.zeros_like(q) + lay.offset)
 
     def dequant_col(self, q: torch.Tensor, p: Params, j: int) -> torch.Tensor:
-        s = self._col_scale(p, j)
-        if self.type in ("Q4_K", "Q5_K"):
-            return s * q - p["_min"][:, j // 32]
-        return s * (q - (32 if self.type == "Q6_K" else 128))
+        lay = LAYOUTS[self.type]
+        sub = j // lay.sub
+        s = p["_scale"][:, sub]
+        if lay.kind == "minmax":
+            return s * q - p["_min"][:, sub]
+        if lay.kind == "sym":
+            return s * (q - lay.offset)
+        return s * torch.from_numpy(lg.IQ4_VALUES)[q.long()]
 
     def stack(self, groups: list[Params], codes: torch.Tensor) -> QuantizedTensor:
         keys = [k for k in groups[0] if not k.startswith("_")]
@@ -257,11 +302,7 @@ class KQuantGrid:
         return QuantizedTensor(self.id, codes, enc)
 
     def dequantize(self, codes: np.ndarray, params: dict[str, np.ndarray]) -> np.ndarray:
-        if self.type in ("Q4_K", "Q5_K"):
-            return kq.dequant_qk_minmax(codes, params["d"], params["dmin"], params["sc"], params["m"])
-        if self.type == "Q6_K":
-            return kq.dequant_q6_k(codes, params["d"], params["sc"])
-        return kq.dequant_q8_0(codes, params["d"])
+        return LAYOUTS[self.type].dequant(codes, params)
 
 
 def grid_from_id(gid: str) -> Any:
@@ -273,6 +314,6 @@ def grid_from_id(gid: str) -> Any:
         flags = parts[3:-1]
         return IntGrid(bits, -1 if g == "c" else int(g), parts[2] == "sym", parts[-1], "n" in flags, "r" in flags)
     t = gid.split("_imat")[0].upper()
-    if t.startswith("Q8"):
-        t = "Q8_0"
+    if t not in LAYOUTS:
+        raise QuantprismError(f"unknown grid id {gid!r}")
     return KQuantGrid(t, gid.endswith("_imat"))

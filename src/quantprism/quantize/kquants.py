@@ -25,10 +25,21 @@ def _f(x: float) -> np.float32:
 
 def seqsum(a: np.ndarray) -> np.ndarray:
     """Sum over the last axis in element order (C's loop), float32."""
-    acc = a[..., 0].astype(F32, copy=True)
-    for i in range(1, a.shape[-1]):
-        acc = acc + a[..., i]
+    return sum0(np.ascontiguousarray(np.moveaxis(np.asarray(a, dtype=F32), -1, 0)))
+
+
+def sum0(t: np.ndarray) -> np.ndarray:
+    """Sum over the FIRST axis in element order, float32: the hot loops keep blocks as columns ([n, B]), so each
+    step adds one contiguous row."""
+    acc = t[0].astype(F32, copy=True)
+    for i in range(1, t.shape[0]):
+        acc += t[i]
     return acc
+
+
+def columns(a: np.ndarray) -> np.ndarray:
+    """[B, n] → contiguous float32 [n, B] (the layout sum0 reads fast)."""
+    return np.ascontiguousarray(np.asarray(a, dtype=F32).T)
 
 
 def fp16_round(x: np.ndarray) -> np.ndarray:
@@ -41,31 +52,31 @@ def make_qkx(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float
     """make_qkx2_quants / make_qkx3_quants over blocks x, w [B, n]: (scale [B], the_min [B], L [B, n]).
 
     The current best ``min`` re-centres every later candidate grid (C overwrites it on accept).
-    ``degenerate_le``: qkx3 tests ``max <= min``, qkx2 tests ``max == min``.
+    ``degenerate_le``: qkx3 tests ``max <= min``, qkx2 tests ``max == min``. Blocks are columns inside.
     """
-    x = x.astype(F32, copy=False)
-    w = w.astype(F32, copy=False)
-    mn = x.min(axis=1)
-    mx = x.max(axis=1)
-    sum_w = seqsum(w)
-    sum_x = seqsum(w * x)
+    x = columns(x)
+    w = columns(w)
+    mn = x.min(axis=0)
+    mx = x.max(axis=0)
+    sum_w = sum0(w)
+    sum_x = sum0(w * x)
     mn = np.where(mn > 0, F32(0), mn)
     degenerate = (mx <= mn) if degenerate_le else (mx == mn)
     rng = np.where(degenerate, F32(1), mx - mn)
     iscale = _f(nmax) / rng
     scale = F32(1) / iscale
-    L = np.clip(np.rint(iscale[:, None] * (x - mn[:, None])), 0, nmax).astype(F32)
-    diff = scale[:, None] * L + mn[:, None] - x
-    best = seqsum(w * (diff * diff))
+    L = np.clip(np.rint(iscale * (x - mn)), 0, nmax).astype(F32)
+    diff = scale * L + mn - x
+    best = sum0(w * (diff * diff))
     for step in range(nstep + 1):
         # the denominator also uses the current best min (C's `max - min` after overwrites)
         cur = np.where(degenerate, F32(1), mx - mn)
         isc = (_f(rmin) + _f(rdelta) * _f(step) + _f(nmax)) / cur
-        La = np.clip(np.rint(isc[:, None] * (x - mn[:, None])), 0, nmax).astype(F32)
+        La = np.clip(np.rint(isc * (x - mn)), 0, nmax).astype(F32)
         wl = w * La
-        sum_l = seqsum(wl)
-        sum_l2 = seqsum(wl * La)
-        sum_xl = seqsum(wl * x)
+        sum_l = sum0(wl)
+        sum_l2 = sum0(wl * La)
+        sum_xl = sum0(wl * x)
         D = sum_w * sum_l2 - sum_l * sum_l
         ok = D > 0
         Ds = np.where(ok, D, F32(1))
@@ -76,16 +87,16 @@ def make_qkx(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float
             alt = sum_xl / sum_l2
         this_scale = np.where(pos, alt, this_scale)
         this_min = np.where(pos, F32(0), this_min)
-        d2 = this_scale[:, None] * La + this_min[:, None] - x
-        err = seqsum(w * (d2 * d2))
+        d2 = this_scale * La + this_min - x
+        err = sum0(w * (d2 * d2))
         take = ok & (err < best) & ~degenerate
-        L = np.where(take[:, None], La, L)
+        L = np.where(take, La, L)
         best = np.where(take, err, best)
         scale = np.where(take, this_scale, scale)
         mn = np.where(take, this_min, mn)
     scale = np.where(degenerate, F32(0), scale)
-    L = np.where(degenerate[:, None], F32(0), L)
-    return scale.astype(F32), (-mn).astype(F32), L.astype(np.uint8)
+    L = np.where(degenerate, F32(0), L)
+    return scale.astype(F32), (-mn).astype(F32), np.ascontiguousarray(L.T).astype(np.uint8)
 
 
 def make_qp(x: np.ndarray, qw: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
@@ -137,21 +148,21 @@ def make_qp(x: np.ndarray, qw: np.ndarray, nmax: int) -> tuple[np.ndarray, np.nd
 
 def make_qx(x: np.ndarray, qw: np.ndarray | None, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """make_qx_quants (rmse_type 1) over blocks x [B, n]: (scale [B], L [B, n] in 0..2*nmax-1)."""
-    x = x.astype(F32, copy=False)
-    w = (x * x) if qw is None else qw.astype(F32, copy=False)
-    ax = np.abs(x)
-    idx = ax.argmax(axis=1)  # first index of the largest |x|
-    m = np.take_along_axis(x, idx[:, None], 1)[:, 0]
+    idx = np.abs(x).argmax(axis=1)  # first index of the largest |x|
+    m = np.take_along_axis(np.asarray(x, dtype=F32), idx[:, None], 1)[:, 0]
+    x = columns(x)
+    w = (x * x) if qw is None else columns(qw)
     zero = np.abs(m) < EPS
     ms = np.where(zero, F32(1), m)
 
     def grid(isc):
-        return np.clip(np.rint(isc[:, None] * x), -nmax, nmax - 1).astype(F32)
+        return np.clip(np.rint(isc * x), -nmax, nmax - 1).astype(F32)
 
+    wx = w * x
     isc = -_f(nmax) / ms
     lq = grid(isc)
-    slx = seqsum(w * x * lq)
-    sl2 = seqsum(w * lq * lq)
+    slx = sum0(wx * lq)
+    sl2 = sum0(w * lq * lq)
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = np.where(sl2 != 0, slx / sl2, F32(0)).astype(F32)
     best = scale * slx
@@ -161,17 +172,17 @@ def make_qx(x: np.ndarray, qw: np.ndarray | None, nmax: int) -> tuple[np.ndarray
             continue
         isc = -(_f(nmax) + _f(0.1) * _f(k)) / ms
         lk = grid(isc)
-        sx = seqsum(w * x * lk)
-        s2 = seqsum(w * lk * lk)
+        sx = sum0(wx * lk)
+        s2 = sum0(w * lk * lk)
         take = (s2 > 0) & (sx * sx > best * s2)
         with np.errstate(divide="ignore", invalid="ignore"):
             ns = np.where(take, sx / np.where(take, s2, F32(1)), scale)
-        L = np.where(take[:, None], lk, L)
+        L = np.where(take, lk, L)
         scale = ns.astype(F32)
         best = np.where(take, scale * sx, best)
     scale = np.where(zero, F32(0), scale)
-    L = np.where(zero[:, None], F32(-nmax), L)
-    return scale, (L + nmax).astype(np.uint8)
+    L = np.where(zero, F32(-nmax), L)
+    return scale, np.ascontiguousarray((L + nmax).T).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------------------

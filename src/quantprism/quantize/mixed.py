@@ -32,7 +32,8 @@ def higher_grid(gid: str) -> str:
     if isinstance(g, IntGrid):
         gs = "c" if g.group_size == -1 else str(g.group_size)
         return f"int8_g{gs}_sym_{g.scale_dtype}"
-    return {"Q4_K": "q6_k", "Q5_K": "q6_k", "Q6_K": "q8_0", "Q8_0": "q8_0"}[g.type] + ("_imat" if g.imatrix and g.type in ("Q4_K", "Q5_K") else "")
+    up = "q8_0" if g.type in ("Q6_K", "Q8_0") else "q6_k"  # every 4–5 bit GGML type moves to Q6_K
+    return up + ("_imat" if g.imatrix and up == "q6_k" else "")
 
 
 def _mean_kld(ref_logp: torch.Tensor, logits: torch.Tensor) -> float:

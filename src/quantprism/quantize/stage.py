@@ -24,7 +24,7 @@ import torch
 from ..errors import QuantprismError
 from .gptq import gptq_quantize
 from .grids import IntGrid, QuantizedTensor, grid_from_id
-from .stats import LINEAR_TO_GROUP, attach_collectors
+from .stats import INPUT_GROUPS, LINEAR_TO_GROUP, attach_collectors
 from .transforms import apply_scales, awq_search, foldable, scaled_hessian, smoothquant_scales
 
 TRANSFORMS = ("none", "awq", "smoothquant")
@@ -117,6 +117,16 @@ def _layer_forward(layer, hs: list[torch.Tensor], kws: list[dict], counter: dict
     return out
 
 
+def fits(gid: str, k: int) -> bool:
+    """Whether a grid's blocks tile a row of ``k`` columns (a GGUF target asks for the 32-block fallback type
+    where llama.cpp uses one, and the 256-block type only where it fits)."""
+    return k % grid_from_id(gid).group_cols(k) == 0
+
+
+def first_fitting(grids: tuple[str, ...], k: int) -> str | None:
+    return next((g for g in grids if fits(g, k)), None)
+
+
 def _solve(W: torch.Tensor, H: torch.Tensor, imp: torch.Tensor, gid: str, r: Recipe) -> QuantizedTensor:
     grid = grid_from_id(gid)
     if r.method == "rtn":
@@ -173,7 +183,9 @@ def run_canonical(model, input_ids: np.ndarray | torch.Tensor, settings: StageSe
                         if not foldable(work, group):
                             continue
                         if r.transform == "awq":
-                            agrid = grid_from_id(r.awq_grid or r.grids[0])
+                            k = work.get_submodule(INPUT_GROUPS[group][0]).weight.shape[1]
+                            fit_ids = ((r.awq_grid,) if r.awq_grid else ()) + r.grids
+                            agrid = grid_from_id(first_fitting(fit_ids, k) or fit_ids[0])
                             solver = None
                             if r.method == "gptq":
                                 def solver(w, H, agrid=agrid, r=r):
@@ -197,7 +209,7 @@ def run_canonical(model, input_ids: np.ndarray | torch.Tensor, settings: StageSe
                     W = work.get_submodule(lin).weight.detach().float()
                     mod = f"{prefix}.{lin}"
                     res.imatrix[mod] = imp.clone()
-                    res.quant[mod] = {gid: _solve(W, H, imp, gid, r) for gid in r.grids}
+                    res.quant[mod] = {gid: _solve(W, H, imp, gid, r) for gid in r.grids if fits(gid, W.shape[1])}
                     if progress:
                         progress(mod, li, n_layers)
                 res.info["layers"].append(linfo)
@@ -208,7 +220,8 @@ def run_canonical(model, input_ids: np.ndarray | torch.Tensor, settings: StageSe
                 q_layer = copy.deepcopy(chain_layer)
                 cres = results[settings.chain]
                 for lin in LINEAR_TO_GROUP:
-                    qt = cres.quant[f"{prefix}.{lin}"][cres.recipe.grids[0]]
+                    solved = cres.quant[f"{prefix}.{lin}"]
+                    qt = solved[next(g for g in cres.recipe.grids if g in solved)]  # the main grid where it fits
                     q_layer.get_submodule(lin).weight.copy_(torch.from_numpy(qt.dequantize()))
                 hs = _layer_forward(q_layer, hs, kws, counter)
                 del q_layer
@@ -241,11 +254,13 @@ def _solve_head_and_embeddings(model, hs: list[torch.Tensor], results: list[Cano
             if res.recipe.head_grids:
                 W = head.weight.detach().float()
                 res.imatrix["lm_head"] = st.imatrix.clone()
-                res.quant["lm_head"] = {g: _solve(W, st.hessian, st.imatrix, g, res.recipe) for g in res.recipe.head_grids}
+                res.quant["lm_head"] = {g: _solve(W, st.hessian, st.imatrix, g, res.recipe)
+                                        for g in res.recipe.head_grids if fits(g, W.shape[1])}
     for res in results:
         if res.recipe.embed_grids and not tied:
             E = model.get_input_embeddings().weight.detach().float()
-            res.quant["model.embed_tokens"] = {g: grid_from_id(g).rtn(E, None, clip=False) for g in res.recipe.embed_grids}
+            res.quant["model.embed_tokens"] = {g: grid_from_id(g).rtn(E, None, clip=False)
+                                               for g in res.recipe.embed_grids if fits(g, E.shape[1])}
 
 
 __all__ = ["CanonicalModel", "Checkpoint", "Recipe", "StageSettings", "run_canonical"]
