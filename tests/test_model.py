@@ -125,3 +125,28 @@ def test_inspect_prints_architecture_shapes_and_applicability(tiny_models, tmp_p
     for needle in ("Qwen2ForCausalLM", "tied", "byte-level BPE", "model.layers.*.self_attn.q_proj.bias",
                    "128×256", "q4", "g96", "group_size 512 does not divide in_features 256"):
         assert needle in out, needle
+
+
+@pytest.mark.parametrize("arch, needle", [
+    ("Qwen3MoeForCausalLM", "mixture-of-experts"),
+    ("MixtralForCausalLM", "mixture-of-experts"),
+    ("LlavaForConditionalGeneration", "vision/audio tower"),
+    ("T5ForConditionalGeneration", "encoder-decoder"),
+    ("Phi3ForCausalLM", "fused qkv_proj"),
+    ("Gemma2ForCausalLM", "soft-capping"),
+    ("GPT2LMHeadModel", "not supported"),
+])
+def test_unsupported_structures_refused_naming_what_is_missing(tmp_path, tiny_models, run_cli, arch, needle):
+    """`quantprism targets` refuses an architecture it cannot quantize and prove with one line naming the
+    architecture and what it has that is missing here; nothing is written."""
+    d = tmp_path / "m"
+    shutil.copytree(tiny_models["llama"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = [arch]
+    (d / "config.json").write_text(json.dumps(cfg))
+    toml = tmp_path / "targets.toml"
+    toml.write_text('[target.t]\nformat = "gguf"\nruntime = "llamacpp"\nquant = "Q4_K_M"\n')
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    rc, _, err = run_cli("targets", toml, "--model", d)
+    assert_one_line_error(rc, err, arch, needle)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before

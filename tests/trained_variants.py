@@ -31,7 +31,8 @@ from pathlib import Path
 from quantprism.model import BUILTIN_MODEL
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+         "qwen3": "Qwen3ForCausalLM"}
 
 
 def bundled_tokenizer():
@@ -50,13 +51,15 @@ def bundled_state() -> dict:
 BIASED = {"llama": ("q_proj", "k_proj", "v_proj", "o_proj"), "qwen2": ("q_proj", "k_proj", "v_proj")}
 
 
-def _config(arch: str, tied: bool, bias: bool):
+def _config(arch: str, tied: bool, bias: bool, rope: dict | None = None):
     import transformers
 
     base = json.loads((BUILTIN_MODEL / "config.json").read_text())
     for k in ("architectures", "model_type", "transformers_version", "dtype", "torch_dtype"):
         base.pop(k, None)
     base["tie_word_embeddings"] = tied
+    if rope:
+        base["rope_parameters"] = {**base["rope_parameters"], **rope}
     if arch == "llama":
         return transformers.LlamaConfig(**{**base, "attention_bias": bias}), transformers.LlamaForCausalLM
     for k in ("attention_bias", "mlp_bias", "pretraining_tp"):  # Llama-only options
@@ -65,21 +68,32 @@ def _config(arch: str, tied: bool, bias: bool):
         return transformers.MistralConfig(**base, sliding_window=None), transformers.MistralForCausalLM
     if arch == "qwen2":
         return transformers.Qwen2Config(**base, use_sliding_window=False, sliding_window=None), transformers.Qwen2ForCausalLM
+    if arch == "qwen3":
+        return transformers.Qwen3Config(**base, use_sliding_window=False, sliding_window=None), transformers.Qwen3ForCausalLM
     raise ValueError(f"unknown family {arch!r}; one of {sorted(ARCHS)}")
 
 
-def save_trained_as(arch: str, out: Path, qkv_bias: float = 0.0, tied: bool = False, seed: int = 0) -> Path:
+def save_trained_as(arch: str, out: Path, qkv_bias: float = 0.0, tied: bool = False, seed: int = 0,
+                    rope: dict | None = None, qk_norm: float = 0.3) -> Path:
     """Save the bundled trained weights as an HF ``arch`` directory (safetensors, bfloat16, bundled tokenizer).
 
     ``qkv_bias``: standard deviation of seeded random attention biases (qwen2: q/k/v, always present, 0 = zero
-    biases; llama: q/k/v/o with attention_bias=True when nonzero; mistral has none).
+    biases; llama: q/k/v/o with attention_bias=True when nonzero; mistral has none). ``rope``: entries merged into
+    ``rope_parameters`` (e.g. Llama 3's scaling). ``qk_norm`` (qwen3): the per-head q/k RMSNorm gains are
+    1 + N(0, qk_norm²), seeded, so a file that drops or misplaces them is visibly wrong.
     """
     import torch
 
     if qkv_bias and arch == "mistral":
         raise ValueError("mistral has no attention biases")
-    cfg, cls = _config(arch, tied, bool(qkv_bias))
+    cfg, cls = _config(arch, tied, bool(qkv_bias), rope)
     state = bundled_state()
+    if arch == "qwen3":
+        g = torch.Generator().manual_seed(seed + 1)
+        for i in range(cfg.num_hidden_layers):
+            for norm in ("q_norm", "k_norm"):
+                gain = 1 + torch.randn(cfg.head_dim, generator=g) * qk_norm
+                state[f"model.layers.{i}.self_attn.{norm}.weight"] = gain.to(torch.bfloat16)
     if tied:
         state.pop("lm_head.weight")
     if arch == "qwen2" or (arch == "llama" and qkv_bias):

@@ -1,7 +1,8 @@
 """GGUF exporter: canonical codes → a file llama.cpp loads unchanged (shared/reference/gguf-kquants.md §3–4).
 
-Llama and Mistral are written as arch "llama" (q/k rows permuted from HF rotate-half to llama.cpp's
-adjacent-pair RoPE), Qwen2 as "qwen2" (NEOX RoPE, no permutation, attention biases). Per-tensor types
+The architecture's structure comes from model/archs.py: Llama and Mistral are written as arch "llama" (q/k rows
+permuted from HF rotate-half to llama.cpp's adjacent-pair RoPE), Qwen2 as "qwen2" (NEOX RoPE, no permutation,
+attention biases), Qwen3 as "qwen3" (NEOX, per-head q/k RMSNorm gains). RoPE scaling: gguf_rope.py. Per-tensor types
 follow llama.cpp's mixture rules for the file type; quantized tensors are the canonical stage's codes
 packed bit for bit (exporters/kquants.py) — no rounding happens here.
 """
@@ -18,6 +19,7 @@ from ..errors import ArtifactError, ConfigError
 from ..model import ModelInfo
 from ..quantize.mixed import higher_grid
 from .base import ExportSpec, Format
+from .gguf_rope import write_rope
 from .gguf_types import (
     DEFAULT_TYPE,
     FILE_TYPES,
@@ -31,8 +33,6 @@ from .gguf_vocab import read_vocab
 from .grids import GridNeeds
 from .kquants import pack
 from .state import canonical_fp_state
-
-NORM_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 
 
 def gguf_name(module: str) -> str:
@@ -94,7 +94,7 @@ def write_gguf(out: Path, info: ModelInfo, canonical, file_type: str, imatrix: b
     from ..manifest import atomic_path
 
     cfg = info.config
-    arch = "qwen2" if info.architecture == "Qwen2ForCausalLM" else "llama"
+    spec = info.arch
     n_layers = int(cfg["num_hidden_layers"])
     n_head = int(cfg["num_attention_heads"])
     n_kv = int(cfg.get("num_key_value_heads", n_head))
@@ -102,10 +102,9 @@ def write_gguf(out: Path, info: ModelInfo, canonical, file_type: str, imatrix: b
     types = model_types(file_type, info, plan, imatrix)
     choose = choice_from_types(types, info.tied_embeddings, imatrix)
     fp_dtype = np.float32 if file_type == "F32" else np.float16
-    rope = cfg.get("rope_parameters") or {}
     fp_state = canonical_fp_state(info, canonical)
     with atomic_path(out) as tmp:
-        w = gguf.GGUFWriter(str(tmp), arch)
+        w = gguf.GGUFWriter(str(tmp), spec.gguf)
         vocab = read_vocab(info)  # first: an unsupported tokenizer fails before anything is written
         w.add_type("model")
         w.add_name(info.path.name)
@@ -118,8 +117,8 @@ def write_gguf(out: Path, info: ModelInfo, canonical, file_type: str, imatrix: b
         w.add_head_count(n_head)
         w.add_head_count_kv(n_kv)
         w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
-        w.add_rope_freq_base(float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))))
         w.add_rope_dimension_count(head_dim)
+        write_rope(w, cfg, head_dim)
         if head_dim != int(cfg["hidden_size"]) // n_head:
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
@@ -164,11 +163,14 @@ def write_gguf(out: Path, info: ModelInfo, canonical, file_type: str, imatrix: b
             emit("output.weight", "lm_head.weight")
         for i in range(n_layers):
             p = f"model.layers.{i}"
-            for hf, g in NORM_NAMES.items():
+            for hf, g in spec.layer_norms:
                 emit(f"blk.{i}.{g}.weight", f"{p}.{hf}.weight")
+            if spec.qk_norm:  # per-head gains on q and k, applied before RoPE (NEOX archs: no permutation)
+                emit(f"blk.{i}.attn_q_norm.weight", f"{p}.self_attn.q_norm.weight")
+                emit(f"blk.{i}.attn_k_norm.weight", f"{p}.self_attn.k_norm.weight")
             for lin, g in LINEAR_NAMES.items():
                 perm = None
-                if arch == "llama" and lin in ("self_attn.q_proj", "self_attn.k_proj"):
+                if spec.permute_qk and lin in ("self_attn.q_proj", "self_attn.k_proj"):
                     perm = n_head if lin.endswith("q_proj") else n_kv
                 emit(f"blk.{i}.{g}.weight", f"{p}.{lin}.weight", perm)
                 if f"{p}.{lin}.bias" in fp_state:

@@ -1,7 +1,7 @@
 """Model directories: discovery, validation, hashing, loading."""
+from .archs import ARCHS, SUPPORTED_ARCHS, Arch, arch_of
 from .loader import (
     BUILTIN_MODEL,
-    SUPPORTED_ARCHS,
     ModelInfo,
     load_model_info,
     load_tokenizer,
@@ -10,6 +10,6 @@ from .loader import (
 )
 
 __all__ = [
-    "BUILTIN_MODEL", "SUPPORTED_ARCHS", "ModelInfo", "load_model_info", "load_tokenizer",
+    "ARCHS", "BUILTIN_MODEL", "SUPPORTED_ARCHS", "Arch", "arch_of", "ModelInfo", "load_model_info", "load_tokenizer",
     "load_torch_model", "resolve_model_dir",
 ]

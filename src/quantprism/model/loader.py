@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError
+from .archs import Arch, arch_of
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUILTIN_MODEL = ASSETS / "reference-llama"
-SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 LINEAR_SUFFIXES = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -52,6 +52,10 @@ class ModelInfo:
                 n *= d
             total += n
         return total
+
+    @property
+    def arch(self) -> Arch:
+        return arch_of(self.architecture, str(self.path))
 
     @property
     def n_layers(self) -> int:
@@ -121,8 +125,7 @@ def load_model_info(path: str | Path | None = None) -> ModelInfo:
         raise ModelError(f"{cfg_path}: invalid JSON ({e})") from None
     archs = config.get("architectures") or []
     arch = archs[0] if archs else None
-    if arch not in SUPPORTED_ARCHS:
-        raise ModelError(f"{root}: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHS)}")
+    arch_of(arch, str(root))
 
     st_files = sorted(p for p in root.glob("*.safetensors"))
     if not st_files:

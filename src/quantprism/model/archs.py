@@ -1,0 +1,55 @@
+"""Architectures: what each supported HF architecture is made of, and why the others are refused.
+
+One entry per ``architectures[0]`` of config.json. The canonical stage, the exporters and the references read the
+structure from here (which GGUF arch llama.cpp runs it as, whether q/k rows need llama.cpp's pair permutation,
+which per-layer norms exist), instead of testing architecture names in each module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ModelError
+
+
+@dataclass(frozen=True)
+class Arch:
+    hf: str  # config.json architectures[0]
+    gguf: str  # llama.cpp's LLM_ARCH name
+    permute_qk: bool  # llama.cpp rotates adjacent pairs for this arch: q/k rows permuted from HF's rotate-half
+    qk_norm: bool = False  # per-head RMSNorm on q and k after projection (Qwen3)
+    layer_norms: tuple[tuple[str, str], ...] = (("input_layernorm", "attn_norm"),
+                                               ("post_attention_layernorm", "ffn_norm"))
+
+
+ARCHS: dict[str, Arch] = {a.hf: a for a in (
+    Arch("LlamaForCausalLM", "llama", True),
+    Arch("MistralForCausalLM", "llama", True),
+    Arch("Qwen2ForCausalLM", "qwen2", False),
+    Arch("Qwen3ForCausalLM", "qwen3", False, qk_norm=True),
+)}
+
+# Structures the pipeline cannot quantize and prove yet, named by what is missing (a fragment of the class name
+# → the reason); checked in order, the first match wins.
+UNSUPPORTED = (
+    ("Moe", "mixture-of-experts layers (routed expert MLPs)"),
+    ("Mixtral", "mixture-of-experts layers (routed expert MLPs)"),
+    ("ForConditionalGeneration", "a vision/audio tower or an encoder-decoder stack (only decoder-only causal LMs)"),
+    ("T5", "an encoder-decoder stack (only decoder-only causal LMs)"),
+    ("Bart", "an encoder-decoder stack (only decoder-only causal LMs)"),
+    ("Phi3", "fused qkv_proj / gate_up_proj shards and longrope scaling (not yet split into quantizable shards)"),
+    ("Gemma", "Gemma's (1 + w) norms, embedding scale, post-norms and logit soft-capping (not yet modelled)"),
+)
+
+
+def arch_of(name: str | None, where: str = "model") -> Arch:
+    """The supported architecture ``name``, or a one-line ModelError naming what it has that is not supported."""
+    if name in ARCHS:
+        return ARCHS[name]
+    supported = ", ".join(ARCHS)
+    for frag, what in UNSUPPORTED:
+        if name and frag in name:
+            raise ModelError(f"{where}: architecture {name} is not supported: it has {what}; supported: {supported}")
+    raise ModelError(f"{where}: architecture {name!r} is not supported; supported: {supported}")
+
+
+SUPPORTED_ARCHS = tuple(ARCHS)
