@@ -32,7 +32,7 @@ from quantprism.model import BUILTIN_MODEL
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-         "qwen3": "Qwen3ForCausalLM"}
+         "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM"}
 
 
 def bundled_tokenizer():
@@ -46,6 +46,29 @@ def bundled_state() -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(BUILTIN_MODEL / "model.safetensors"))
+
+
+GEMMA2_WINDOW = 128  # local layers see 128 tokens, so at the 510 scored positions local ≠ global attention
+# soft-caps away from llama.cpp's gemma2 defaults (50, 30), so a file without the keys is visibly wrong
+
+
+def _as_gemma2(state: dict, n_layers: int, hidden: int) -> dict:
+    """Llama tensors → Gemma 2 (tied): the embedding ÷ √hidden (Gemma scales it back up), every norm stored as
+    gain − 1 (Gemma computes x̂·(1 + w)) — the final one ×√hidden, so the tied output is not flattened — the Llama
+    post-attention norm as the pre-feed-forward norm, and the new
+    post-sub-layer norms at gain 1. Attention and MLP weights as trained (the MLP then runs GELU, not SiLU)."""
+    import torch
+
+    out = {k: v for k, v in state.items() if "layernorm" not in k and k not in ("lm_head.weight", "model.norm.weight")}
+    out["model.embed_tokens.weight"] = (state["model.embed_tokens.weight"].float() / hidden ** 0.5).to(torch.bfloat16)
+    out["model.norm.weight"] = state["model.norm.weight"].float() * hidden ** 0.5 - 1  # undo the ÷√hidden at the output
+    for i in range(n_layers):
+        p = f"model.layers.{i}"
+        out[f"{p}.input_layernorm.weight"] = state[f"{p}.input_layernorm.weight"].float() - 1
+        out[f"{p}.pre_feedforward_layernorm.weight"] = state[f"{p}.post_attention_layernorm.weight"].float() - 1
+        for norm in ("post_attention_layernorm", "post_feedforward_layernorm"):
+            out[f"{p}.{norm}.weight"] = torch.zeros(hidden)
+    return {k: v.to(torch.bfloat16) for k, v in out.items()}
 
 
 BIASED = {"llama": ("q_proj", "k_proj", "v_proj", "o_proj"), "qwen2": ("q_proj", "k_proj", "v_proj")}
@@ -70,6 +93,12 @@ def _config(arch: str, tied: bool, bias: bool, rope: dict | None = None):
         return transformers.Qwen2Config(**base, use_sliding_window=False, sliding_window=None), transformers.Qwen2ForCausalLM
     if arch == "qwen3":
         return transformers.Qwen3Config(**base, use_sliding_window=False, sliding_window=None), transformers.Qwen3ForCausalLM
+    if arch == "gemma2":
+        base.pop("hidden_act")
+        base["tie_word_embeddings"] = True  # llama.cpp's gemma2 has no output matrix of its own
+        return transformers.Gemma2Config(**base, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=64,
+                                         sliding_window=GEMMA2_WINDOW, attn_logit_softcapping=20.0,
+                                         final_logit_softcapping=15.0), transformers.Gemma2ForCausalLM
     raise ValueError(f"unknown family {arch!r}; one of {sorted(ARCHS)}")
 
 
@@ -88,6 +117,9 @@ def save_trained_as(arch: str, out: Path, qkv_bias: float = 0.0, tied: bool = Fa
         raise ValueError("mistral has no attention biases")
     cfg, cls = _config(arch, tied, bool(qkv_bias), rope)
     state = bundled_state()
+    if arch == "gemma2":
+        tied = True
+        state = _as_gemma2(state, cfg.num_hidden_layers, cfg.hidden_size)
     if arch == "qwen3":
         g = torch.Generator().manual_seed(seed + 1)
         for i in range(cfg.num_hidden_layers):
@@ -95,7 +127,7 @@ def save_trained_as(arch: str, out: Path, qkv_bias: float = 0.0, tied: bool = Fa
                 gain = 1 + torch.randn(cfg.head_dim, generator=g) * qk_norm
                 state[f"model.layers.{i}.self_attn.{norm}.weight"] = gain.to(torch.bfloat16)
     if tied:
-        state.pop("lm_head.weight")
+        state.pop("lm_head.weight", None)
     if arch == "qwen2" or (arch == "llama" and qkv_bias):
         g = torch.Generator().manual_seed(seed)
         for i in range(cfg.num_hidden_layers):

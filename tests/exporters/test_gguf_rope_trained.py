@@ -18,6 +18,8 @@ through.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from trained_variants import bundled_tokenizer, save_trained_as
@@ -42,6 +44,7 @@ FAMILIES = {  # name → (family the trained weights are saved as, q/k/v bias st
     "qwen3": ("qwen3", 0.0, "qwen3", "Qwen3ForCausalLM"),
     "llama3-rope": ("llama", 0.0, "llama", "LlamaForCausalLM", LLAMA3_ROPE),
     "linear-rope": ("llama", 0.0, "llama", "LlamaForCausalLM", {"rope_type": "linear", "factor": 4.0}),
+    "gemma2": ("gemma2", 0.0, "gemma2", "Gemma2ForCausalLM"),
     "yarn-rope": ("qwen2", 0.0, "qwen2", "Qwen2ForCausalLM",
                   {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 128}),
     "qwen2": ("qwen2", 0.0, "qwen2", "Qwen2ForCausalLM"),
@@ -138,6 +141,8 @@ WRONG = [
     ("qwen3", "llama-permutation"),  # qwen3 is NEOX too
     ("qwen3", "qk-norm-dropped"),  # the per-head q/k gains written as ones
     ("llama3-rope", "rope-unscaled"),  # Llama 3's rope_freqs left out: llama.cpp runs plain RoPE
+    ("gemma2", "norm-offset-dropped"),  # Gemma's stored w written as the gain, not 1 + w
+    ("gemma2", "softcap-dropped"),  # attention / final logit soft-capping keys left out
     ("linear-rope", "rope-unscaled"),  # the scaling keys left out
     ("yarn-rope", "rope-unscaled"),
 ]
@@ -147,7 +152,9 @@ WRONG = [
 # Qwen3's q/k RMSNorm flattens attention (PPL 118 vs 81 for the same weights as Llama), so a wrong pairing there
 # measured top-1 0.594, KLD 0.245.
 MILDER = {("qwen2-bias", "biases-zeroed"): (0.95, 0.01), ("qwen3", "qk-norm-dropped"): (0.95, 0.01),
-          ("qwen3", "llama-permutation"): (0.8, 0.1)}
+          ("qwen3", "llama-permutation"): (0.8, 0.1),
+          # soft-caps 20/15 read as llama.cpp's defaults 50/30: top-1 0.882, KLD 0.002 (right file: 1e-7)
+          ("gemma2", "softcap-dropped"): (0.95, 1e-3)}
 
 
 @pytest.mark.llamacpp
@@ -166,6 +173,16 @@ def test_broken_permutation_or_bias_fails_clearly(trained, tmp_path, monkeypatch
         _llama_pairing_on_writes(monkeypatch, n_head, n_kv)
     elif wrong == "qk-norm-dropped":
         _replaced(monkeypatch, lambda name: name.endswith(("attn_q_norm.weight", "attn_k_norm.weight")), np.ones_like)
+    elif wrong == "norm-offset-dropped":
+        from quantprism.model import archs
+
+        arch = archs.ARCHS["Gemma2ForCausalLM"]
+        monkeypatch.setitem(archs.ARCHS, arch.hf, dataclasses.replace(arch, norm_offset=0.0))
+    elif wrong == "softcap-dropped":
+        import gguf
+
+        for name in ("add_attn_logit_softcapping", "add_final_logit_softcapping"):
+            monkeypatch.setattr(gguf.GGUFWriter, name, lambda self, value: None)
     elif wrong == "rope-unscaled":
         from quantprism.exporters import gguf_rope
 

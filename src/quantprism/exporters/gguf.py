@@ -103,6 +103,9 @@ def write_gguf(out: Path, info: ModelInfo, canonical, file_type: str, imatrix: b
     choose = choice_from_types(types, info.tied_embeddings, imatrix)
     fp_dtype = np.float32 if file_type == "F32" else np.float16
     fp_state = canonical_fp_state(info, canonical)
+    if not spec.gguf_output and not info.tied_embeddings:
+        raise ArtifactError(f"{info.path}: llama.cpp runs {info.architecture} with the token embedding as output "
+                            "matrix; this checkpoint has its own lm_head (untied), which a GGUF cannot carry")
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), spec.gguf)
         vocab = read_vocab(info)  # first: an unsupported tokenizer fails before anything is written
@@ -119,9 +122,15 @@ def write_gguf(out: Path, info: ModelInfo, canonical, file_type: str, imatrix: b
         w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
         w.add_rope_dimension_count(head_dim)
         write_rope(w, cfg, head_dim)
-        if head_dim != int(cfg["hidden_size"]) // n_head:
+        if head_dim != int(cfg["hidden_size"]) // n_head or spec.norm_offset:  # Gemma: always, as llama.cpp's converter
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
+        for key, add in (("attn_logit_softcapping", w.add_attn_logit_softcapping),
+                         ("final_logit_softcapping", w.add_final_logit_softcapping)):
+            if cfg.get(key) is not None:
+                add(float(cfg[key]))
+        if spec.gguf == "gemma2" and cfg.get("sliding_window"):  # llama.cpp alternates local/global layers itself
+            w.add_sliding_window(int(cfg["sliding_window"]))
         w.add_vocab_size(int(cfg["vocab_size"]))
         w.add_file_type(FILE_TYPES[file_type])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -153,6 +162,8 @@ def write_gguf(out: Path, info: ModelInfo, canonical, file_type: str, imatrix: b
                 w.add_tensor(gname, raw, raw_dtype=getattr(gguf.GGMLQuantizationType, t))
                 return
             x = fp_state[hf].float().numpy()
+            if spec.norm_offset and hf.endswith("norm.weight"):  # HF stores w for x̂·(1 + w); llama.cpp the gain
+                x = x + np.float32(spec.norm_offset)
             if permute_heads:
                 x = _permute_rows(x, permute_heads)
             w.add_tensor(gname, x.astype(fp_dtype if x.ndim == 2 else np.float32))

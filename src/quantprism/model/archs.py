@@ -10,15 +10,23 @@ from dataclasses import dataclass
 
 from ..errors import ModelError
 
+LLAMA_NORMS = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm"))
+# Gemma 2/3: a norm before and after each sub-layer; the MLP's input norm is pre_feedforward_layernorm
+GEMMA_NORMS = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "post_attention_norm"),
+               ("pre_feedforward_layernorm", "ffn_norm"), ("post_feedforward_layernorm", "post_ffw_norm"))
+
 
 @dataclass(frozen=True)
 class Arch:
     hf: str  # config.json architectures[0]
     gguf: str  # llama.cpp's LLM_ARCH name
     permute_qk: bool  # llama.cpp rotates adjacent pairs for this arch: q/k rows permuted from HF's rotate-half
-    qk_norm: bool = False  # per-head RMSNorm on q and k after projection (Qwen3)
-    layer_norms: tuple[tuple[str, str], ...] = (("input_layernorm", "attn_norm"),
-                                               ("post_attention_layernorm", "ffn_norm"))
+    qk_norm: bool = False  # per-head RMSNorm on q and k after projection (Qwen3, Gemma 3)
+    layer_norms: tuple[tuple[str, str], ...] = LLAMA_NORMS  # (HF module, GGUF name) per layer
+    mlp_norm: str = "post_attention_layernorm"  # the norm whose output feeds gate/up (where AWQ folds mlp_in)
+    norm_offset: float = 0.0  # the RMSNorm computes x̂·(offset + w): Gemma stores w − 1 (llama.cpp stores the gain)
+    gguf_output: bool = True  # llama.cpp reads output.weight (Gemma 2 always uses token_embd: tied only)
+    eager_attention: bool = False  # torch must run eager attention: SDPA silently skips Gemma 2's logit soft-cap
 
 
 ARCHS: dict[str, Arch] = {a.hf: a for a in (
@@ -26,6 +34,8 @@ ARCHS: dict[str, Arch] = {a.hf: a for a in (
     Arch("MistralForCausalLM", "llama", True),
     Arch("Qwen2ForCausalLM", "qwen2", False),
     Arch("Qwen3ForCausalLM", "qwen3", False, qk_norm=True),
+    Arch("Gemma2ForCausalLM", "gemma2", False, layer_norms=GEMMA_NORMS, mlp_norm="pre_feedforward_layernorm",
+         norm_offset=1.0, gguf_output=False, eager_attention=True),
 )}
 
 # Structures the pipeline cannot quantize and prove yet, named by what is missing (a fragment of the class name
@@ -37,7 +47,7 @@ UNSUPPORTED = (
     ("T5", "an encoder-decoder stack (only decoder-only causal LMs)"),
     ("Bart", "an encoder-decoder stack (only decoder-only causal LMs)"),
     ("Phi3", "fused qkv_proj / gate_up_proj shards and longrope scaling (not yet split into quantizable shards)"),
-    ("Gemma", "Gemma's (1 + w) norms, embedding scale, post-norms and logit soft-capping (not yet modelled)"),
+    ("Gemma3", "Gemma 3's local/global RoPE bases and q/k norms (not yet modelled; Gemma 2 is supported)"),
 )
 
 

@@ -189,7 +189,8 @@ def load_torch_model(info: ModelInfo, dtype: Any = None):
     import torch
     from transformers import AutoModelForCausalLM
 
+    extra = {"attn_implementation": "eager"} if info.arch.eager_attention else {}
     model = AutoModelForCausalLM.from_pretrained(
-        str(info.path), dtype=dtype or torch.float32, local_files_only=True, use_safetensors=True
+        str(info.path), dtype=dtype or torch.float32, local_files_only=True, use_safetensors=True, **extra
     )
     return model.eval()

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import QuantprismError
+from ..model.archs import ARCHS
 from .gptq import gptq_quantize
 from .grids import IntGrid, QuantizedTensor, grid_from_id
 from .stats import INPUT_GROUPS, LINEAR_TO_GROUP, attach_collectors
@@ -154,6 +155,7 @@ def run_canonical(model, input_ids: np.ndarray | torch.Tensor, settings: StageSe
     if ids.ndim != 2 or ids.shape[0] == 0:
         raise QuantprismError("calibration batch is empty; give at least one sample")
     results = [CanonicalModel(r, info={"layers": []}) for r in settings.recipes]
+    arch = ARCHS.get(next(iter(getattr(model.config, "architectures", None) or []), type(model).__name__))
     layers = model.model.layers
     n_layers = len(layers)
     start = 0
@@ -196,7 +198,7 @@ def run_canonical(model, input_ids: np.ndarray | torch.Tensor, settings: StageSe
                             if group not in ("attn_in", "mlp_in"):
                                 continue  # SmoothQuant: the norm-fed inputs carry the outliers
                             s = smoothquant_scales(work, group, st, r.sq_alpha)
-                        apply_scales(work, group, s)
+                        apply_scales(work, group, s, arch)
                         scales[group] = s
                     for name, t in work.state_dict().items():
                         res.fp[f"{prefix}.{name}"] = t.detach().float().clone()

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..model.archs import Arch
 from .grids import Grid
 from .stats import INPUT_GROUPS, InputStats
 
@@ -34,20 +35,32 @@ def foldable(layer: torch.nn.Module, group: str) -> bool:
     return True
 
 
-def apply_scales(layer: torch.nn.Module, group: str, s: torch.Tensor) -> None:
-    """Fold s into the group's linears (columns ×s) and its predecessor (outputs ÷s), in place."""
+def predecessor(group: str, arch: Arch | None = None) -> str:
+    """The module whose output feeds ``group`` (Gemma's MLP input comes from pre_feedforward_layernorm)."""
+    if group == "mlp_in" and arch is not None:
+        return arch.mlp_norm
+    return PREDECESSOR[group]
+
+
+def apply_scales(layer: torch.nn.Module, group: str, s: torch.Tensor, arch: Arch | None = None) -> None:
+    """Fold s into the group's linears (columns ×s) and its predecessor (outputs ÷s), in place.
+
+    A norm computing x̂·(c + w) (Gemma: c = 1) gets (c + w)/s, i.e. w ← (c + w)/s − c: dividing w alone
+    would leave c·x̂ unscaled and the fold would not be exact."""
     s = s.float()
     with torch.no_grad():
         for lin in INPUT_GROUPS[group]:
             m = layer.get_submodule(lin)
             m.weight.mul_(s[None, :].to(m.weight.dtype))
-        prev = layer.get_submodule(PREDECESSOR[group])
+        prev = layer.get_submodule(predecessor(group, arch))
         if isinstance(prev, torch.nn.Linear):
             prev.weight.div_(s[:, None].to(prev.weight.dtype))
             if prev.bias is not None:
                 prev.bias.div_(s.to(prev.bias.dtype))
         else:  # RMSNorm gain
-            prev.weight.div_(s.to(prev.weight.dtype))
+            c = arch.norm_offset if arch is not None else 0.0
+            gain = (prev.weight.float() + c) / s
+            prev.weight.copy_((gain - c).to(prev.weight.dtype))
 
 
 def scaled_hessian(H: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
