@@ -32,7 +32,7 @@ from quantprism.model import BUILTIN_MODEL
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-         "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM"}
+         "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
 
 
 def bundled_tokenizer():
@@ -49,19 +49,24 @@ def bundled_state() -> dict:
 
 
 GEMMA2_WINDOW = 128  # local layers see 128 tokens, so at the 510 scored positions local ≠ global attention
+# Gemma 3: local and global layers alternate (not llama.cpp's default of every 6th global), so the pattern must
+# travel in the file
+GEMMA3_LAYERS = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
 # soft-caps away from llama.cpp's gemma2 defaults (50, 30), so a file without the keys is visibly wrong
 
 
-def _as_gemma2(state: dict, n_layers: int, hidden: int) -> dict:
-    """Llama tensors → Gemma 2 (tied): the embedding ÷ √hidden (Gemma scales it back up), every norm stored as
+def _as_gemma2(state: dict, n_layers: int, hidden: int, keep_head: bool = False) -> dict:
+    """Llama tensors → Gemma 2/3 (tied unless ``keep_head``): the embedding ÷ √hidden (Gemma scales it back up), every norm stored as
     gain − 1 (Gemma computes x̂·(1 + w)) — the final one ×√hidden, so the tied output is not flattened — the Llama
     post-attention norm as the pre-feed-forward norm, and the new
     post-sub-layer norms at gain 1. Attention and MLP weights as trained (the MLP then runs GELU, not SiLU)."""
     import torch
 
-    out = {k: v for k, v in state.items() if "layernorm" not in k and k not in ("lm_head.weight", "model.norm.weight")}
+    drop = ("model.norm.weight",) if keep_head else ("lm_head.weight", "model.norm.weight")
+    out = {k: v for k, v in state.items() if "layernorm" not in k and k not in drop}
     out["model.embed_tokens.weight"] = (state["model.embed_tokens.weight"].float() / hidden ** 0.5).to(torch.bfloat16)
-    out["model.norm.weight"] = state["model.norm.weight"].float() * hidden ** 0.5 - 1  # undo the ÷√hidden at the output
+    # tied: the output matrix is the embedding ÷ √hidden, so the final gain takes the √hidden back
+    out["model.norm.weight"] = state["model.norm.weight"].float() * (1 if keep_head else hidden ** 0.5) - 1
     for i in range(n_layers):
         p = f"model.layers.{i}"
         out[f"{p}.input_layernorm.weight"] = state[f"{p}.input_layernorm.weight"].float() - 1
@@ -99,6 +104,15 @@ def _config(arch: str, tied: bool, bias: bool, rope: dict | None = None):
         return transformers.Gemma2Config(**base, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=64,
                                          sliding_window=GEMMA2_WINDOW, attn_logit_softcapping=20.0,
                                          final_logit_softcapping=15.0), transformers.Gemma2ForCausalLM
+    if arch == "gemma3":
+        base.pop("hidden_act")
+        # per layer type: global at 10⁶ (as Gemma 3), local at 2·10⁴ — not llama.cpp's default 10⁴, so a file
+        # without the local base is visibly wrong
+        base["rope_parameters"] = {"sliding_attention": {"rope_type": "default", "rope_theta": 20000.0},
+                                   "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}
+        return transformers.Gemma3TextConfig(**base, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=64,
+                                             sliding_window=GEMMA2_WINDOW, layer_types=GEMMA3_LAYERS), \
+            transformers.Gemma3ForCausalLM
     raise ValueError(f"unknown family {arch!r}; one of {sorted(ARCHS)}")
 
 
@@ -117,14 +131,14 @@ def save_trained_as(arch: str, out: Path, qkv_bias: float = 0.0, tied: bool = Fa
         raise ValueError("mistral has no attention biases")
     cfg, cls = _config(arch, tied, bool(qkv_bias), rope)
     state = bundled_state()
-    if arch == "gemma2":
-        tied = True
-        state = _as_gemma2(state, cfg.num_hidden_layers, cfg.hidden_size)
-    if arch == "qwen3":
+    if arch in ("gemma2", "gemma3"):
+        tied = arch == "gemma2" or tied
+        state = _as_gemma2(state, cfg.num_hidden_layers, cfg.hidden_size, keep_head=not tied)
+    if arch in ("qwen3", "gemma3"):  # Gemma 3 stores the gain − 1: the same seeded draw around 0
         g = torch.Generator().manual_seed(seed + 1)
         for i in range(cfg.num_hidden_layers):
             for norm in ("q_norm", "k_norm"):
-                gain = 1 + torch.randn(cfg.head_dim, generator=g) * qk_norm
+                gain = (arch == "qwen3") + torch.randn(cfg.head_dim, generator=g) * qk_norm
                 state[f"model.layers.{i}.self_attn.{norm}.weight"] = gain.to(torch.bfloat16)
     if tied:
         state.pop("lm_head.weight", None)

@@ -45,6 +45,7 @@ FAMILIES = {  # name → (family the trained weights are saved as, q/k/v bias st
     "llama3-rope": ("llama", 0.0, "llama", "LlamaForCausalLM", LLAMA3_ROPE),
     "linear-rope": ("llama", 0.0, "llama", "LlamaForCausalLM", {"rope_type": "linear", "factor": 4.0}),
     "gemma2": ("gemma2", 0.0, "gemma2", "Gemma2ForCausalLM"),
+    "gemma3": ("gemma3", 0.0, "gemma3", "Gemma3ForCausalLM"),
     "yarn-rope": ("qwen2", 0.0, "qwen2", "Qwen2ForCausalLM",
                   {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 128}),
     "qwen2": ("qwen2", 0.0, "qwen2", "Qwen2ForCausalLM"),
@@ -143,6 +144,9 @@ WRONG = [
     ("llama3-rope", "rope-unscaled"),  # Llama 3's rope_freqs left out: llama.cpp runs plain RoPE
     ("gemma2", "norm-offset-dropped"),  # Gemma's stored w written as the gain, not 1 + w
     ("gemma2", "softcap-dropped"),  # attention / final logit soft-capping keys left out
+    ("gemma3", "norm-offset-dropped"),
+    ("gemma3", "swa-pattern-dropped"),  # llama.cpp's default pattern (every 6th layer global) instead of the config's
+    ("gemma3", "swa-rope-base-dropped"),  # local layers at the global base
     ("linear-rope", "rope-unscaled"),  # the scaling keys left out
     ("yarn-rope", "rope-unscaled"),
 ]
@@ -154,7 +158,10 @@ WRONG = [
 MILDER = {("qwen2-bias", "biases-zeroed"): (0.95, 0.01), ("qwen3", "qk-norm-dropped"): (0.95, 0.01),
           ("qwen3", "llama-permutation"): (0.8, 0.1),
           # soft-caps 20/15 read as llama.cpp's defaults 50/30: top-1 0.882, KLD 0.002 (right file: 1e-7)
-          ("gemma2", "softcap-dropped"): (0.95, 1e-3)}
+          ("gemma2", "softcap-dropped"): (0.95, 1e-3),
+          ("gemma3", "swa-pattern-dropped"): (0.95, 0.01),
+          # local layers at 10⁴ instead of 2·10⁴: top-1 0.971, KLD 3.7e-3 (right file: 0.998, 1e-7)
+          ("gemma3", "swa-rope-base-dropped"): (0.99, 1e-3)}
 
 
 @pytest.mark.llamacpp
@@ -173,10 +180,18 @@ def test_broken_permutation_or_bias_fails_clearly(trained, tmp_path, monkeypatch
         _llama_pairing_on_writes(monkeypatch, n_head, n_kv)
     elif wrong == "qk-norm-dropped":
         _replaced(monkeypatch, lambda name: name.endswith(("attn_q_norm.weight", "attn_k_norm.weight")), np.ones_like)
+    elif wrong == "swa-pattern-dropped":
+        import gguf
+
+        monkeypatch.setattr(gguf.GGUFWriter, "add_sliding_window_pattern", lambda self, value: None)
+    elif wrong == "swa-rope-base-dropped":
+        import gguf
+
+        monkeypatch.setattr(gguf.GGUFWriter, "add_rope_freq_base_swa", lambda self, value: None)
     elif wrong == "norm-offset-dropped":
         from quantprism.model import archs
 
-        arch = archs.ARCHS["Gemma2ForCausalLM"]
+        arch = archs.ARCHS[info.architecture]
         monkeypatch.setitem(archs.ARCHS, arch.hf, dataclasses.replace(arch, norm_offset=0.0))
     elif wrong == "softcap-dropped":
         import gguf

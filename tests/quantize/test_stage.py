@@ -78,16 +78,24 @@ def _layer_out(layer, h, kw):
 
 
 @pytest.fixture(scope="module")
-def gemma2(tmp_path_factory):
+def variants(tmp_path_factory):
+    """family → ModelInfo of the bundled trained weights re-expressed as that family (saved once)."""
     from trained_variants import save_trained_as
 
-    return load_model_info(save_trained_as("gemma2", tmp_path_factory.mktemp("gemma2")))
+    cache: dict = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = load_model_info(save_trained_as(family, tmp_path_factory.mktemp(family)))
+        return cache[family]
+
+    return get
 
 
 @pytest.mark.parametrize("transform", ["awq", "smoothquant"])
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_transforms_leave_fp_outputs_unchanged(bundled, gemma2, transform, family):
-    """Folding is exact: a layer's output is unchanged by AWQ / SmoothQuant scales. Gemma 2's norms compute
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3"])
+def test_transforms_leave_fp_outputs_unchanged(bundled, variants, transform, family):
+    """Folding is exact: a layer's output is unchanged by AWQ / SmoothQuant scales. Gemma 2/3's norms compute
     x̂·(1 + w) and its MLP reads pre_feedforward_layernorm: folding there as into a Llama gain (w ÷ s, into
     post_attention_layernorm) changes the output — shown as the failing case."""
     import copy
@@ -95,8 +103,8 @@ def test_transforms_leave_fp_outputs_unchanged(bundled, gemma2, transform, famil
     from quantprism.model import arch_of
 
     info, calib = bundled
-    if family == "gemma2":
-        info = gemma2
+    if family != "llama":
+        info = variants(family)
     arch = arch_of(info.architecture)
     model = load_torch_model(info)
     ids = calib.input_ids[:4]
@@ -124,7 +132,7 @@ def test_transforms_leave_fp_outputs_unchanged(bundled, gemma2, transform, famil
         assert changed >= 3
         rel = {k: float((_layer_out(w, h, kw) - ref).norm() / ref.norm()) for k, w in works.items()}
         assert rel["right"] < 1e-4, rel
-        if family == "gemma2":
+        if family != "llama":
             assert rel["llama-fold"] > 1e-2, rel
         assert not torch.equal(works["right"].mlp.down_proj.weight, layer.mlp.down_proj.weight)
 

@@ -74,6 +74,25 @@ def reference_choice(file_type: str, info: ModelInfo, imatrix: bool = True,
     return choice_from_types(model_types(file_type, info, plan, imatrix), info.tied_embeddings, imatrix)
 
 
+def write_gemma3_attention(w, cfg: dict, head_dim: int) -> None:
+    """Gemma 3's local/global layers: the window, which layers use it (from ``layer_types``; llama.cpp's default
+    would be every 6th layer global) and the local layers' RoPE base. llama.cpp fixes the query scale at
+    1/√head_dim (except its 27B), so another ``query_pre_attn_scalar`` is refused rather than run wrong."""
+    scalar = cfg.get("query_pre_attn_scalar")
+    if scalar is not None and int(scalar) != head_dim:
+        raise ArtifactError(f"query_pre_attn_scalar {scalar} ≠ head_dim {head_dim}: llama.cpp's gemma3 scales queries "
+                            "by 1/√head_dim, so this model would run with the wrong attention scale")
+    types = cfg.get("layer_types")
+    if cfg.get("sliding_window") and types and "sliding_attention" in types:
+        w.add_sliding_window(int(cfg["sliding_window"]))
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+        local = (cfg.get("rope_parameters") or {}).get("sliding_attention", {}).get("rope_theta")
+        if local is None:
+            local = cfg.get("rope_local_base_freq")
+        if local is not None:
+            w.add_rope_freq_base_swa(float(local))
+
+
 def _permute_rows(a: np.ndarray, n_head: int) -> np.ndarray:
     """HF rotate-half → llama.cpp adjacent pairs, on the leading (output-row) axis of any array."""
     rows = a.shape[0]
@@ -131,6 +150,8 @@ def write_gguf(out: Path, info: ModelInfo, canonical, file_type: str, imatrix: b
                 add(float(cfg[key]))
         if spec.gguf == "gemma2" and cfg.get("sliding_window"):  # llama.cpp alternates local/global layers itself
             w.add_sliding_window(int(cfg["sliding_window"]))
+        if spec.gguf == "gemma3":
+            write_gemma3_attention(w, cfg, head_dim)
         w.add_vocab_size(int(cfg["vocab_size"]))
         w.add_file_type(FILE_TYPES[file_type])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -36,6 +36,8 @@ ARCHS: dict[str, Arch] = {a.hf: a for a in (
     Arch("Qwen3ForCausalLM", "qwen3", False, qk_norm=True),
     Arch("Gemma2ForCausalLM", "gemma2", False, layer_norms=GEMMA_NORMS, mlp_norm="pre_feedforward_layernorm",
          norm_offset=1.0, gguf_output=False, eager_attention=True),
+    Arch("Gemma3ForCausalLM", "gemma3", False, qk_norm=True, layer_norms=GEMMA_NORMS,
+         mlp_norm="pre_feedforward_layernorm", norm_offset=1.0),
 )}
 
 # Structures the pipeline cannot quantize and prove yet, named by what is missing (a fragment of the class name
@@ -47,7 +49,7 @@ UNSUPPORTED = (
     ("T5", "an encoder-decoder stack (only decoder-only causal LMs)"),
     ("Bart", "an encoder-decoder stack (only decoder-only causal LMs)"),
     ("Phi3", "fused qkv_proj / gate_up_proj shards and longrope scaling (not yet split into quantizable shards)"),
-    ("Gemma3", "Gemma 3's local/global RoPE bases and q/k norms (not yet modelled; Gemma 2 is supported)"),
+    ("Gemma3n", "Gemma 3n's per-layer embeddings and AltUp (not modelled)"),
 )
 
 
