@@ -23,8 +23,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.llamacpp, pytest.mark.vllm, pytest.m
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
+PHI3_LONGROPE = {"rope_type": "longrope", "original_max_position_embeddings": 64,
+                 "long_factor": [1.0 + 0.25 * i for i in range(32)], "short_factor": [1.0] * 32}
 VARIANTS = {"qwen3": ("qwen3", None), "llama3.x": ("llama", LLAMA3_ROPE), "gemma2": ("gemma2", None),
-            "gemma3": ("gemma3", None)}
+            "gemma3": ("gemma3", None), "phi3": ("phi3", PHI3_LONGROPE)}
 TOML = """
 [defaults]
 samples = 8

@@ -132,8 +132,8 @@ def test_inspect_prints_architecture_shapes_and_applicability(tiny_models, tmp_p
     ("MixtralForCausalLM", "mixture-of-experts"),
     ("LlavaForConditionalGeneration", "vision/audio tower"),
     ("T5ForConditionalGeneration", "encoder-decoder"),
-    ("Phi3ForCausalLM", "fused qkv_proj"),
-    ("Gemma3ForCausalLM", "local/global"),
+    ("PhimoeForCausalLM", "mixture-of-experts"),
+    ("Gemma3nForCausalLM", "AltUp"),
     ("GPT2LMHeadModel", "not supported"),
 ])
 def test_unsupported_structures_refused_naming_what_is_missing(tmp_path, tiny_models, run_cli, arch, needle):

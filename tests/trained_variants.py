@@ -32,7 +32,8 @@ from quantprism.model import BUILTIN_MODEL
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-         "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+         "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
+         "phi3": "Phi3ForCausalLM"}
 
 
 def bundled_tokenizer():
@@ -104,6 +105,13 @@ def _config(arch: str, tied: bool, bias: bool, rope: dict | None = None):
         return transformers.Gemma2Config(**base, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=64,
                                          sliding_window=GEMMA2_WINDOW, attn_logit_softcapping=20.0,
                                          final_logit_softcapping=15.0), transformers.Gemma2ForCausalLM
+    if arch == "phi3":
+        for k in ("head_dim",):
+            base.pop(k, None)
+        rp = {**base.pop("rope_parameters"), **(rope or {})}
+        return transformers.Phi3Config(**base, rope_parameters=rp, sliding_window=None,
+                                       original_max_position_embeddings=rp.get("original_max_position_embeddings", 2048)), \
+            transformers.Phi3ForCausalLM
     if arch == "gemma3":
         base.pop("hidden_act")
         # per layer type: global at 10⁶ (as Gemma 3), local at 2·10⁴ — not llama.cpp's default 10⁴, so a file
@@ -131,6 +139,12 @@ def save_trained_as(arch: str, out: Path, qkv_bias: float = 0.0, tied: bool = Fa
         raise ValueError("mistral has no attention biases")
     cfg, cls = _config(arch, tied, bool(qkv_bias), rope)
     state = bundled_state()
+    if arch == "phi3":  # the same weights, fused as Phi-3 ships them: qkv = [q; k; v], gate_up = [gate; up]
+        for i in range(cfg.num_hidden_layers):
+            p = f"model.layers.{i}"
+            state[f"{p}.self_attn.qkv_proj.weight"] = torch.cat(
+                [state.pop(f"{p}.self_attn.{x}_proj.weight") for x in ("q", "k", "v")])
+            state[f"{p}.mlp.gate_up_proj.weight"] = torch.cat([state.pop(f"{p}.mlp.{x}_proj.weight") for x in ("gate", "up")])
     if arch in ("gemma2", "gemma3"):
         tied = arch == "gemma2" or tied
         state = _as_gemma2(state, cfg.num_hidden_layers, cfg.hidden_size, keep_head=not tied)

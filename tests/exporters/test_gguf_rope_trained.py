@@ -39,6 +39,9 @@ QKV_BIAS = 0.25  # std of the seeded q/k/v biases of "qwen2-bias"
 # every frequency with a wavelength above 16 tokens is rescaled: a file without rope_freqs runs visibly unscaled
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
+# Phi-3's longrope with the original context shrunk to 64: at 512 positions the long factors apply
+PHI3_LONGROPE = {"rope_type": "longrope", "original_max_position_embeddings": 64,
+                 "long_factor": [1.0 + 0.25 * i for i in range(32)], "short_factor": [1.0] * 32}
 FAMILIES = {  # name → (family the trained weights are saved as, q/k/v bias std, GGUF arch, transformers class[, rope])
     "mistral": ("mistral", 0.0, "llama", "MistralForCausalLM"),
     "qwen3": ("qwen3", 0.0, "qwen3", "Qwen3ForCausalLM"),
@@ -46,6 +49,8 @@ FAMILIES = {  # name → (family the trained weights are saved as, q/k/v bias st
     "linear-rope": ("llama", 0.0, "llama", "LlamaForCausalLM", {"rope_type": "linear", "factor": 4.0}),
     "gemma2": ("gemma2", 0.0, "gemma2", "Gemma2ForCausalLM"),
     "gemma3": ("gemma3", 0.0, "gemma3", "Gemma3ForCausalLM"),
+    "phi3": ("phi3", 0.0, "phi3", "Phi3ForCausalLM"),
+    "phi3-longrope": ("phi3", 0.0, "phi3", "Phi3ForCausalLM", PHI3_LONGROPE),
     "yarn-rope": ("qwen2", 0.0, "qwen2", "Qwen2ForCausalLM",
                   {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 128}),
     "qwen2": ("qwen2", 0.0, "qwen2", "Qwen2ForCausalLM"),
@@ -68,7 +73,10 @@ def trained(tmp_path_factory):
     def get(family: str):
         if family not in cache:
             arch, bias, _, cls, *rope = FAMILIES[family]
-            info = load_model_info(save_trained_as(arch, root / family, qkv_bias=bias, rope=rope[0] if rope else None))
+            # llama.cpp keys Phi-3 token attributes on general.name (the directory name): a name containing "phi3"
+            # requires <s>, </s>, <unk> and <|endoftext|>, which the bundled tokenizer lacks — so not "phi3…" here
+            out = root / family.replace("phi3", "p3")
+            info = load_model_info(save_trained_as(arch, out, qkv_bias=bias, rope=rope[0] if rope else None))
             model = load_torch_model(info)
             assert type(model).__name__ == cls
             cache[family] = (info, base_logprobs(chunks, torch_logits_fn(model)))
@@ -114,6 +122,10 @@ def _llama_pairing_on_writes(monkeypatch, n_head: int, n_kv: int) -> None:
         parts = name.split(".")  # blk.<i>.attn_q.weight / .bias
         if len(parts) == 4 and parts[2] in ("attn_q", "attn_k"):
             tensor = gguf_writer._permute_rows(tensor, n_head if parts[2] == "attn_q" else n_kv)
+        elif len(parts) == 4 and parts[2] == "attn_qkv":  # Phi-3: the q and k row blocks of the fused matrix
+            hd = tensor.shape[0] // (n_head + 2 * n_kv)
+            q, k, v = np.split(tensor, [n_head * hd, (n_head + n_kv) * hd])
+            tensor = np.concatenate([gguf_writer._permute_rows(q, n_head), gguf_writer._permute_rows(k, n_kv), v])
         return add(self, name, tensor, *args, **kwargs)
 
     monkeypatch.setattr(gguf.GGUFWriter, "add_tensor", add_tensor)
@@ -147,6 +159,8 @@ WRONG = [
     ("gemma3", "norm-offset-dropped"),
     ("gemma3", "swa-pattern-dropped"),  # llama.cpp's default pattern (every 6th layer global) instead of the config's
     ("gemma3", "swa-rope-base-dropped"),  # local layers at the global base
+    ("phi3", "llama-permutation"),  # Phi-3 is NEOX
+    ("phi3-longrope", "rope-unscaled"),
     ("linear-rope", "rope-unscaled"),  # the scaling keys left out
     ("yarn-rope", "rope-unscaled"),
 ]

@@ -19,7 +19,7 @@ from ..errors import ArtifactError, ConfigError
 from ..model import ModelInfo
 from ..quantize.mixed import higher_grid
 from .base import ExportSpec, Format
-from .gguf_rope import write_rope
+from .gguf_rope import rotary_dims, write_rope
 from .gguf_types import (
     DEFAULT_TYPE,
     FILE_TYPES,
@@ -139,8 +139,9 @@ def write_gguf(out: Path, info: ModelInfo, canonical, file_type: str, imatrix: b
         w.add_head_count(n_head)
         w.add_head_count_kv(n_kv)
         w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
-        w.add_rope_dimension_count(head_dim)
-        write_rope(w, cfg, head_dim)
+        rope_dims = rotary_dims(cfg, head_dim)
+        w.add_rope_dimension_count(rope_dims)
+        write_rope(w, cfg, rope_dims)
         if head_dim != int(cfg["hidden_size"]) // n_head or spec.norm_offset:  # Gemma: always, as llama.cpp's converter
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
@@ -152,6 +153,8 @@ def write_gguf(out: Path, info: ModelInfo, canonical, file_type: str, imatrix: b
             w.add_sliding_window(int(cfg["sliding_window"]))
         if spec.gguf == "gemma3":
             write_gemma3_attention(w, cfg, head_dim)
+        if spec.gguf == "phi3":  # llama.cpp reads 0 as "no window" (Phi-4) — its converter always writes the key
+            w.add_sliding_window(int(cfg.get("sliding_window") or 0))
         w.add_vocab_size(int(cfg["vocab_size"]))
         w.add_file_type(FILE_TYPES[file_type])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -200,7 +203,8 @@ def write_gguf(out: Path, info: ModelInfo, canonical, file_type: str, imatrix: b
             if spec.qk_norm:  # per-head gains on q and k, applied before RoPE (NEOX archs: no permutation)
                 emit(f"blk.{i}.attn_q_norm.weight", f"{p}.self_attn.q_norm.weight")
                 emit(f"blk.{i}.attn_k_norm.weight", f"{p}.self_attn.k_norm.weight")
-            for lin, g in LINEAR_NAMES.items():
+            for lin in spec.linears:
+                g = LINEAR_NAMES[lin]
                 perm = None
                 if spec.permute_qk and lin in ("self_attn.q_proj", "self_attn.k_proj"):
                     perm = n_head if lin.endswith("q_proj") else n_kv

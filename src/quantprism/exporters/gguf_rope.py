@@ -4,6 +4,9 @@
 - ``yarn``: type yarn, factor, original context, and the YaRN knobs the config sets.
 - ``llama3`` (Llama 3.1–3.3): no keys; a ``rope_freqs.weight`` tensor of per-frequency divisors, computed from the
   config exactly as llama.cpp's converter does (float32 on the same formula).
+- ``longrope`` (Phi-3): type longrope, the original context, the attention factor √(1 + ln s / ln L₀) and the
+  ``rope_factors_long`` / ``rope_factors_short`` tensors; llama.cpp picks long or short once per context (n_ctx
+  above the original context → long), HF per sequence length — they agree when a sequence fills the context.
 - ``dynamic`` (dynamic NTK) is refused: llama.cpp has no dynamic scaling for these architectures, so a file would
   silently run unscaled past the original context.
 """
@@ -25,6 +28,12 @@ def rope_params(cfg: dict[str, Any]) -> dict[str, Any]:
     if "rope_type" not in rope and "type" in rope:
         rope["rope_type"] = rope["type"]
     return rope
+
+
+def rotary_dims(cfg: dict[str, Any], head_dim: int) -> int:
+    """Rotated dimensions per head (``partial_rotary_factor``, e.g. Phi-4-mini's 0.75)."""
+    pct = rope_params(cfg).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    return int(pct * head_dim)
 
 
 def llama3_factors(rope: dict[str, Any], head_dim: int) -> np.ndarray:
@@ -51,7 +60,8 @@ def llama3_factors(rope: dict[str, Any], head_dim: int) -> np.ndarray:
 
 
 def write_rope(w, cfg: dict[str, Any], head_dim: int) -> None:
-    """RoPE base and scaling keys (and llama3's rope_freqs tensor) on a GGUFWriter."""
+    """RoPE base and scaling keys (and llama3's / longrope's factor tensors) on a GGUFWriter; ``head_dim``: the
+    rotated dimensions per head."""
     import gguf
 
     rope = rope_params(cfg)
@@ -73,6 +83,17 @@ def write_rope(w, cfg: dict[str, Any], head_dim: int) -> None:
                 add(float(rope[key]))
     elif kind == "llama3":
         w.add_tensor("rope_freqs.weight", llama3_factors(rope, head_dim))
+    elif kind in ("longrope", "su"):
+        orig = int(rope.get("original_max_position_embeddings") or cfg["original_max_position_embeddings"])
+        scale = int(cfg["max_position_embeddings"]) / orig
+        long, short = rope.get("long_factor"), rope.get("short_factor")
+        if not long or not short or len(long) != len(short) or len(long) != head_dim // 2:
+            raise ArtifactError(f"longrope needs long_factor and short_factor of {head_dim // 2} values each")
+        w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+        w.add_rope_scaling_orig_ctx_len(orig)
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0)
+        w.add_tensor("rope_factors_long.weight", np.asarray(long, dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.asarray(short, dtype=np.float32))
     elif kind not in ("default", "none"):
         raise ArtifactError(f"rope_type {kind!r} has no GGUF form llama.cpp runs for this architecture "
-                            "(supported: default, linear, yarn, llama3)")
+                            "(supported: default, linear, yarn, llama3, longrope)")

@@ -8,6 +8,7 @@ Llama/Qwen2 models we export): MoE expert counts, Falcon's and GLM's own branche
 """
 from __future__ import annotations
 
+from ..model.archs import LLAMA_LINEARS
 from ..quantize.ggml_types import GGML_TYPES
 
 FILE_TYPES = {  # llama_ftype ids
@@ -24,6 +25,7 @@ LINEAR_NAMES = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",  # Phi-3's fused matrices (llama.cpp splits them)
 }
 TYPE_BITS = {name: t.bits for name, t in GGML_TYPES.items()}
 
@@ -48,6 +50,8 @@ def _output_type(default: str, ncols: int) -> str:
 
 
 def _layer_type(file_type: str, default: str, lin: str, i: int, n: int, n_gqa: int, imatrix: bool) -> str:
+    if lin == "self_attn.qkv_proj":  # llama.cpp's ATTENTION_QKV category
+        return {"Q4_K_M": "Q5_K", "Q5_K_M": "Q6_K"}.get(file_type, default)
     if lin == "self_attn.v_proj":
         if file_type == "IQ4_XS" and n_gqa >= 4:
             return "Q5_K"
@@ -70,12 +74,14 @@ def _layer_type(file_type: str, default: str, lin: str, i: int, n: int, n_gqa: i
 
 
 def tensor_types(file_type: str, n_layers: int, tied: bool, plan: dict | None = None, *,
-                 ncols: dict[str, int] | None = None, n_gqa: int = 1, imatrix: bool = True) -> dict[str, str]:
+                 ncols: dict[str, int] | None = None, n_gqa: int = 1, imatrix: bool = True,
+                 linears: tuple[str, ...] = LLAMA_LINEARS) -> dict[str, str]:
     """GGML type per HF module (decoder linears, lm_head, model.embed_tokens).
 
     ``ncols``: each module's row length (in_features; the hidden size for the embedding), for the shape
     fallback — modules not listed are taken to fit every block. ``imatrix``: whether the file is built with an
-    importance matrix (two of llama.cpp's rules depend on it). A protected tensor (plan["protected"]) takes the
+    importance matrix (two of llama.cpp's rules depend on it). ``linears``: the architecture's (Phi-3: fused
+    qkv_proj / gate_up_proj). A protected tensor (plan["protected"]) takes the
     plan's higher grid type, through the same fallback, unless the rules already give it as many bits.
     """
     default = DEFAULT_TYPE[file_type]
@@ -87,7 +93,7 @@ def tensor_types(file_type: str, n_layers: int, tied: bool, plan: dict | None = 
 
     out: dict[str, str] = {}
     for i in range(n_layers):
-        for lin in LINEAR_NAMES:
+        for lin in linears:
             mod = f"model.layers.{i}.{lin}"
             out[mod] = fit(mod, _layer_type(file_type, default, lin, i, n_layers, n_gqa, imatrix) if quantized else default)
     head = "model.embed_tokens" if tied else "lm_head"
@@ -121,4 +127,4 @@ def model_types(file_type: str, info, plan: dict | None = None, imatrix: bool = 
     n_head = int(cfg["num_attention_heads"])
     n_gqa = n_head // int(cfg.get("num_key_value_heads") or n_head)
     return tensor_types(file_type, int(cfg["num_hidden_layers"]), info.tied_embeddings, plan,
-                        ncols=model_ncols(info), n_gqa=n_gqa, imatrix=imatrix)
+                        ncols=model_ncols(info), n_gqa=n_gqa, imatrix=imatrix, linears=info.arch.linears)

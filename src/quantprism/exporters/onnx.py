@@ -34,6 +34,7 @@ from .base import ExportSpec, Format
 from .grids import GridNeeds, int8_reduced, int_grid
 from .hf_checkpoint import TOKENIZER_FILES, atomic_dir
 from .onnx_kernels import W8A8, kernel_for, linear_nodes, splice
+from .onnx_rope import exportable_rope
 from .state import canonical_weights, load_weights
 
 MODEL_FILE = "model.onnx"
@@ -95,8 +96,9 @@ def export_fp_graph(model: torch.nn.Module) -> onnx.ModelProto:
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(None):
             warnings.simplefilter("ignore")
-            prog = torch.onnx.export(DecodeStep(model).eval(), args, dynamo=True, dynamic_shapes=dyn,
-                                     opset_version=OPSET, input_names=ins, output_names=outs, verbose=False)
+            with exportable_rope(model):
+                prog = torch.onnx.export(DecodeStep(model).eval(), args, dynamo=True, dynamic_shapes=dyn,
+                                         opset_version=OPSET, input_names=ins, output_names=outs, verbose=False)
     finally:
         log.setLevel(level)
     proto = prog.model_proto

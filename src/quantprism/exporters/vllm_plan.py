@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from ..config import Target
 from ..errors import ArtifactError
-from ..model.loader import LINEAR_SUFFIXES
+from ..model.archs import LLAMA_LINEARS, PHI3_LINEARS
 from .grids import grid_needs
 
 FUSED = {
@@ -25,18 +25,20 @@ FUSED = {
 }
 SHARD_TO_FUSED = {s: f for f, shards in FUSED.items() for s in shards}
 _MODULE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# every decoder linear name, in model order: the Llama family's shards, then checkpoints fused already (Phi-3)
+LINEAR_ORDER = LLAMA_LINEARS + tuple(x for x in PHI3_LINEARS if x not in LLAMA_LINEARS)
 
 
 def _split(module: str) -> tuple[int, str]:
     m = _MODULE.match(module)
-    if not m or m.group(2) not in LINEAR_SUFFIXES:
+    if not m or m.group(2) not in LINEAR_ORDER:
         raise ArtifactError(f"{module} is not a decoder linear (model.layers.N.<proj>)")
     return int(m.group(1)), m.group(2)
 
 
 def model_order(module: str) -> tuple[int, int]:
     i, suffix = _split(module)
-    return i, LINEAR_SUFFIXES.index(suffix)
+    return i, LINEAR_ORDER.index(suffix)
 
 
 def vllm_prefix(module: str) -> str:

@@ -10,6 +10,18 @@ from dataclasses import dataclass
 
 from ..errors import ModelError
 
+LLAMA_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# linears grouped by the activation they read (one Hessian / imatrix per group)
+LLAMA_GROUPS = (("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                ("attn_out", ("self_attn.o_proj",)),
+                ("mlp_in", ("mlp.gate_proj", "mlp.up_proj")),
+                ("mlp_out", ("mlp.down_proj",)))
+# Phi-3 ships q/k/v and gate/up fused; a fused matrix is quantized as one (rows are independent: GPTQ on the fused
+# rows with the shared Hessian is GPTQ on each shard)
+PHI3_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+PHI3_GROUPS = (("attn_in", ("self_attn.qkv_proj",)), ("attn_out", ("self_attn.o_proj",)),
+               ("mlp_in", ("mlp.gate_up_proj",)), ("mlp_out", ("mlp.down_proj",)))
 LLAMA_NORMS = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm"))
 # Gemma 2/3: a norm before and after each sub-layer; the MLP's input norm is pre_feedforward_layernorm
 GEMMA_NORMS = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "post_attention_norm"),
@@ -27,6 +39,17 @@ class Arch:
     norm_offset: float = 0.0  # the RMSNorm computes x̂·(offset + w): Gemma stores w − 1 (llama.cpp stores the gain)
     gguf_output: bool = True  # llama.cpp reads output.weight (Gemma 2 always uses token_embd: tied only)
     eager_attention: bool = False  # torch must run eager attention: SDPA silently skips Gemma 2's logit soft-cap
+    linears: tuple[str, ...] = LLAMA_LINEARS  # quantizable linears of a decoder layer (module suffixes)
+    groups: tuple[tuple[str, tuple[str, ...]], ...] = LLAMA_GROUPS
+    fold_out: bool = True  # v→o and up→down folds exist (v, up are whole modules, not rows of a fused one)
+
+    @property
+    def input_groups(self) -> dict[str, tuple[str, ...]]:
+        return dict(self.groups)
+
+    @property
+    def linear_to_group(self) -> dict[str, str]:
+        return {lin: g for g, lins in self.groups for lin in lins}
 
 
 ARCHS: dict[str, Arch] = {a.hf: a for a in (
@@ -38,6 +61,7 @@ ARCHS: dict[str, Arch] = {a.hf: a for a in (
          norm_offset=1.0, gguf_output=False, eager_attention=True),
     Arch("Gemma3ForCausalLM", "gemma3", False, qk_norm=True, layer_norms=GEMMA_NORMS,
          mlp_norm="pre_feedforward_layernorm", norm_offset=1.0),
+    Arch("Phi3ForCausalLM", "phi3", False, linears=PHI3_LINEARS, groups=PHI3_GROUPS, fold_out=False),
 )}
 
 # Structures the pipeline cannot quantize and prove yet, named by what is missing (a fragment of the class name
@@ -48,7 +72,6 @@ UNSUPPORTED = (
     ("ForConditionalGeneration", "a vision/audio tower or an encoder-decoder stack (only decoder-only causal LMs)"),
     ("T5", "an encoder-decoder stack (only decoder-only causal LMs)"),
     ("Bart", "an encoder-decoder stack (only decoder-only causal LMs)"),
-    ("Phi3", "fused qkv_proj / gate_up_proj shards and longrope scaling (not yet split into quantizable shards)"),
     ("Gemma3n", "Gemma 3n's per-layer embeddings and AltUp (not modelled)"),
 )
 
@@ -59,7 +82,7 @@ def arch_of(name: str | None, where: str = "model") -> Arch:
         return ARCHS[name]
     supported = ", ".join(ARCHS)
     for frag, what in UNSUPPORTED:
-        if name and frag in name:
+        if name and frag.lower() in name.lower():
             raise ModelError(f"{where}: architecture {name} is not supported: it has {what}; supported: {supported}")
     raise ModelError(f"{where}: architecture {name!r} is not supported; supported: {supported}")
 

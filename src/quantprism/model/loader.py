@@ -18,10 +18,6 @@ from .archs import Arch, arch_of
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUILTIN_MODEL = ASSETS / "reference-llama"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-LINEAR_SUFFIXES = (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-)
 SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
@@ -67,7 +63,7 @@ class ModelInfo:
         out = {}
         for name, t in self.tensors.items():
             mod = name.removesuffix(".weight")
-            if name.endswith(".weight") and (mod.endswith(LINEAR_SUFFIXES) or mod == "lm_head"):
+            if name.endswith(".weight") and (mod.endswith(self.arch.linears) or mod == "lm_head"):
                 out[mod] = (t.shape[0], t.shape[1])
         return out
 
@@ -125,7 +121,7 @@ def load_model_info(path: str | Path | None = None) -> ModelInfo:
         raise ModelError(f"{cfg_path}: invalid JSON ({e})") from None
     archs = config.get("architectures") or []
     arch = archs[0] if archs else None
-    arch_of(arch, str(root))
+    spec = arch_of(arch, str(root))
 
     st_files = sorted(p for p in root.glob("*.safetensors"))
     if not st_files:
@@ -149,7 +145,7 @@ def load_model_info(path: str | Path | None = None) -> ModelInfo:
         raise ModelError(f"{root}: lm_head.weight is missing and tie_word_embeddings is false; the checkpoint is incomplete")
     n_layers = int(config.get("num_hidden_layers", 0))
     for i in range(n_layers):
-        for suf in LINEAR_SUFFIXES:
+        for suf in spec.linears:
             if f"model.layers.{i}.{suf}.weight" not in tensors:
                 raise ModelError(f"{root}: missing model.layers.{i}.{suf}.weight; the checkpoint is incomplete")
     return ModelInfo(root, arch, config, tensors, tokenizer_kind(root), tied)

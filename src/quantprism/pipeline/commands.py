@@ -49,7 +49,7 @@ def quantize(tf: TargetsFile, info: ModelInfo, only: list[str], calibration: str
     if not recipes:
         return QuantizeOutcome(None, [], {})
     if on_total is not None:
-        on_total(info.n_layers * 7 * len(recipes))
+        on_total(info.n_layers * len(info.arch.linears) * len(recipes))
     run = run_stage(info, recipes, calibration or d.calibration, samples or d.samples, seq_len or d.seq_len, d.seed,
                     sequential=sequential, cache_dir=cache_dir, progress=progress)
     rows = []

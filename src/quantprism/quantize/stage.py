@@ -25,7 +25,7 @@ from ..errors import QuantprismError
 from ..model.archs import ARCHS
 from .gptq import gptq_quantize
 from .grids import IntGrid, QuantizedTensor, grid_from_id
-from .stats import INPUT_GROUPS, LINEAR_TO_GROUP, attach_collectors
+from .stats import INPUT_GROUPS, attach_collectors
 from .transforms import apply_scales, awq_search, foldable, scaled_hessian, smoothquant_scales
 
 TRANSFORMS = ("none", "awq", "smoothquant")
@@ -156,6 +156,8 @@ def run_canonical(model, input_ids: np.ndarray | torch.Tensor, settings: StageSe
         raise QuantprismError("calibration batch is empty; give at least one sample")
     results = [CanonicalModel(r, info={"layers": []}) for r in settings.recipes]
     arch = ARCHS.get(next(iter(getattr(model.config, "architectures", None) or []), type(model).__name__))
+    groups = arch.input_groups if arch is not None else INPUT_GROUPS
+    linear_to_group = {lin: g for g, lins in groups.items() for lin in lins}
     layers = model.model.layers
     n_layers = len(layers)
     start = 0
@@ -169,7 +171,7 @@ def run_canonical(model, input_ids: np.ndarray | torch.Tensor, settings: StageSe
         for li in range(start, n_layers):
             layer = layers[li]
             prefix = f"model.layers.{li}"
-            stats, handles = attach_collectors(layer, settings.sample_tokens)
+            stats, handles = attach_collectors(layer, settings.sample_tokens, groups)
             try:
                 fp_out = _layer_forward(layer, hs, kws, counter)
             finally:
@@ -182,27 +184,28 @@ def run_canonical(model, input_ids: np.ndarray | torch.Tensor, settings: StageSe
                 linfo: dict = {"layer": li}
                 if r.transform != "none":
                     for group, st in stats.items():
-                        if not foldable(work, group):
+                        if not foldable(work, group, arch):
                             continue
                         if r.transform == "awq":
-                            k = work.get_submodule(INPUT_GROUPS[group][0]).weight.shape[1]
+                            k = work.get_submodule(groups[group][0]).weight.shape[1]
                             fit_ids = ((r.awq_grid,) if r.awq_grid else ()) + r.grids
                             agrid = grid_from_id(first_fitting(fit_ids, k) or fit_ids[0])
                             solver = None
                             if r.method == "gptq":
                                 def solver(w, H, agrid=agrid, r=r):
                                     return torch.from_numpy(_solve(w, H, None, agrid.id, r).dequantize())
-                            s, ai = awq_search(work, group, st, agrid, n_grid=10 if solver else 20, solver=solver)
+                            s, ai = awq_search(work, group, st, agrid, n_grid=10 if solver else 20, solver=solver,
+                                               arch=arch)
                             linfo[f"awq_{group}"] = ai
                         else:
                             if group not in ("attn_in", "mlp_in"):
                                 continue  # SmoothQuant: the norm-fed inputs carry the outliers
-                            s = smoothquant_scales(work, group, st, r.sq_alpha)
+                            s = smoothquant_scales(work, group, st, r.sq_alpha, arch)
                         apply_scales(work, group, s, arch)
                         scales[group] = s
                     for name, t in work.state_dict().items():
                         res.fp[f"{prefix}.{name}"] = t.detach().float().clone()
-                for lin, group in LINEAR_TO_GROUP.items():
+                for lin, group in linear_to_group.items():
                     st = stats[group]
                     H, imp = st.hessian, st.imatrix
                     if group in scales:
@@ -221,7 +224,7 @@ def run_canonical(model, input_ids: np.ndarray | torch.Tensor, settings: StageSe
                 # the chain recipe's quantized layer produces the next layer's inputs
                 q_layer = copy.deepcopy(chain_layer)
                 cres = results[settings.chain]
-                for lin in LINEAR_TO_GROUP:
+                for lin in linear_to_group:
                     solved = cres.quant[f"{prefix}.{lin}"]
                     qt = solved[next(g for g in cres.recipe.grids if g in solved)]  # the main grid where it fits
                     q_layer.get_submodule(lin).weight.copy_(torch.from_numpy(qt.dequantize()))

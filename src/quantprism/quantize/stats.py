@@ -60,11 +60,13 @@ class InputStats:
         return torch.cat(self.sample, 0) if self.sample else torch.zeros(0, self.dim)
 
 
-def attach_collectors(layer: torch.nn.Module, sample_tokens: int = 4096) -> tuple[dict[str, InputStats], list]:
-    """Forward pre-hooks on the first linear of each input group; returns (stats, hook handles)."""
+def attach_collectors(layer: torch.nn.Module, sample_tokens: int = 4096,
+                      groups: dict[str, tuple[str, ...]] | None = None) -> tuple[dict[str, InputStats], list]:
+    """Forward pre-hooks on the first linear of each input group (the architecture's ``groups``, Llama's by
+    default); returns (stats, hook handles)."""
     stats: dict[str, InputStats] = {}
     handles = []
-    for group, lins in INPUT_GROUPS.items():
+    for group, lins in (groups or INPUT_GROUPS).items():
         mod = layer.get_submodule(lins[0])
         st = InputStats(mod.in_features, sample_tokens)
         stats[group] = st

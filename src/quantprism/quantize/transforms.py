@@ -28,7 +28,15 @@ PREDECESSOR = {
 }
 
 
-def foldable(layer: torch.nn.Module, group: str) -> bool:
+def groups_of(arch: Arch | None) -> dict[str, tuple[str, ...]]:
+    return arch.input_groups if arch is not None else INPUT_GROUPS
+
+
+def foldable(layer: torch.nn.Module, group: str, arch: Arch | None = None) -> bool:
+    """Whether a scale on ``group``'s inputs can be divided out of what produces them exactly. Not for v→o and
+    up→down where v / up are rows of a fused module (Phi-3's qkv_proj, gate_up_proj): left unscaled there."""
+    if group in ("attn_out", "mlp_out") and arch is not None and not arch.fold_out:
+        return False
     if group == "attn_out":
         v, o = layer.get_submodule("self_attn.v_proj"), layer.get_submodule("self_attn.o_proj")
         return v.out_features == o.in_features
@@ -49,7 +57,7 @@ def apply_scales(layer: torch.nn.Module, group: str, s: torch.Tensor, arch: Arch
     would leave c·x̂ unscaled and the fold would not be exact."""
     s = s.float()
     with torch.no_grad():
-        for lin in INPUT_GROUPS[group]:
+        for lin in groups_of(arch)[group]:
             m = layer.get_submodule(lin)
             m.weight.mul_(s[None, :].to(m.weight.dtype))
         prev = layer.get_submodule(predecessor(group, arch))
@@ -73,8 +81,10 @@ def _normalise(s: torch.Tensor) -> torch.Tensor:
     return s / (s.max() * s.min()).sqrt()
 
 
-def smoothquant_scales(layer: torch.nn.Module, group: str, st: InputStats, alpha: float) -> torch.Tensor:
-    wmax = torch.stack([layer.get_submodule(n).weight.detach().abs().amax(0).float() for n in INPUT_GROUPS[group]]).amax(0)
+def smoothquant_scales(layer: torch.nn.Module, group: str, st: InputStats, alpha: float,
+                       arch: Arch | None = None) -> torch.Tensor:
+    wmax = torch.stack([layer.get_submodule(n).weight.detach().abs().amax(0).float()
+                        for n in groups_of(arch)[group]]).amax(0)
     s = st.absmax.clamp_min(1e-5) ** alpha / wmax.clamp_min(1e-5) ** (1 - alpha)
     return _normalise(s)
 
@@ -90,7 +100,7 @@ def rtn_solver(grid: Grid) -> Solver:
 
 
 def awq_search(layer: torch.nn.Module, group: str, st: InputStats, grid: Grid, n_grid: int = 20,
-               solver: Solver | None = None) -> tuple[torch.Tensor, dict]:
+               solver: Solver | None = None, arch: Arch | None = None) -> tuple[torch.Tensor, dict]:
     """The ratio r ∈ [0, 1) minimising the group's output MSE with scales x̄^r/w̄^(1−r).
 
     ``solver`` rounds the scaled weights as the recipe will (RTN by default; GPTQ for awq+gptq,
@@ -99,7 +109,7 @@ def awq_search(layer: torch.nn.Module, group: str, st: InputStats, grid: Grid, n
     solver = solver or rtn_solver(grid)
     H = st.hessian
     x = st.x_sample
-    lins = [layer.get_submodule(n) for n in INPUT_GROUPS[group]]
+    lins = [layer.get_submodule(n) for n in groups_of(arch)[group]]
     W = torch.cat([m.weight.detach().float() for m in lins], 0)
     y_ref = x @ W.T
     x_mean = x.abs().mean(0)
