@@ -4,9 +4,10 @@
 runtime's teacher-forced logits against the canonical model of the target, computed without the exporter) and
 tokenization parity. The per-cell fidelity top-1 printed here is the README's support matrix.
 
-Llama, Mistral and Qwen2 are covered format by format elsewhere (tests/exporters, tests/runtimes); here the
-architectures whose structure is new to the pipeline: Qwen3 (per-head q/k RMSNorm) and Llama 3.x (llama3 RoPE
-scaling, with the original context shrunk to 64 tokens so the scaling matters at every scored position)."""
+The seven architectures of the support matrix: Qwen2.5 (Qwen2ForCausalLM), Mistral, Qwen3 (per-head q/k RMSNorm),
+Llama 3.x (llama3 RoPE scaling, original context shrunk to 64 tokens so the scaling matters at every scored
+position), Gemma 2 and 3 ((1 + w) norms, post-norms, soft-caps, local/global layers), Phi-3 (fused qkv / gate_up,
+longrope with the same shrunk context). The bundled Llama itself: tests/test_smoke_fidelity.py."""
 from __future__ import annotations
 
 import json
@@ -25,8 +26,9 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
                "original_max_position_embeddings": 64}
 PHI3_LONGROPE = {"rope_type": "longrope", "original_max_position_embeddings": 64,
                  "long_factor": [1.0 + 0.25 * i for i in range(32)], "short_factor": [1.0] * 32}
-VARIANTS = {"qwen3": ("qwen3", None), "llama3.x": ("llama", LLAMA3_ROPE), "gemma2": ("gemma2", None),
-            "gemma3": ("gemma3", None), "phi3": ("phi3", PHI3_LONGROPE)}
+VARIANTS = {"qwen2.5": ("qwen2", None), "mistral": ("mistral", None), "qwen3": ("qwen3", None),
+            "llama3.x": ("llama", LLAMA3_ROPE), "gemma2": ("gemma2", None), "gemma3": ("gemma3", None),
+            "phi3": ("phi3", PHI3_LONGROPE)}
 TOML = """
 [defaults]
 samples = 8

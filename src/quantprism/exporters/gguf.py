@@ -9,6 +9,7 @@ packed bit for bit (exporters/kquants.py) — no rounding happens here.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from .gguf_vocab import read_vocab
 from .grids import GridNeeds
 from .kquants import pack
 from .state import canonical_fp_state
+
+log = logging.getLogger(__name__)
 
 
 def gguf_name(module: str) -> str:
@@ -122,6 +125,11 @@ def write_gguf(out: Path, info: ModelInfo, canonical, file_type: str, imatrix: b
     choose = choice_from_types(types, info.tied_embeddings, imatrix)
     fp_dtype = np.float32 if file_type == "F32" else np.float16
     fp_state = canonical_fp_state(info, canonical)
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+    if spec.gguf == "llama" and window and int(window) < int(cfg.get("max_position_embeddings", 0)):
+        # as llama.cpp's own converter: its llama arch has no sliding window (Mistral v0.1's 4096)
+        log.warning("%s: llama.cpp runs %s with full attention; the %s-token sliding window is not applied, so "
+                    "contexts longer than the window differ from the original", info.path, info.architecture, window)
     if not spec.gguf_output and not info.tied_embeddings:
         raise ArtifactError(f"{info.path}: llama.cpp runs {info.architecture} with the token embedding as output "
                             "matrix; this checkpoint has its own lm_head (untied), which a GGUF cannot carry")
