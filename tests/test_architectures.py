@@ -38,21 +38,21 @@ seq_len = 128
 format = "gguf"
 runtime = "llamacpp"
 quant = "Q4_K_M"
-method = "gptq"
+method = "{method}"
 
 [target.gptq-w4]
 format = "gptq"
 runtime = "vllm"
 bits = 4
 group_size = 128
-method = "gptq"
+method = "{method}"
 
 [target.onnx-int8]
 format = "onnx"
 runtime = "onnxruntime"
 quant = "nbits8"
 group_size = 32
-method = "gptq"
+method = "{method}"
 """
 
 
@@ -62,7 +62,9 @@ def test_architecture_builds_and_passes_in_every_runtime(tmp_path, monkeypatch, 
     arch, rope = VARIANTS[variant]
     model = save_trained_as(arch, tmp_path / "m", rope=rope)
     toml = tmp_path / "targets.toml"
-    toml.write_text(TOML)
+    # RTN keeps the suite's time in bounds (the stage is architecture-generic; GPTQ/AWQ are tested on their own);
+    # Phi-3 runs GPTQ, whose fused qkv / gate_up rows are the new case for the solver and for vLLM's loader
+    toml.write_text(TOML.format(method="gptq" if variant == "phi3" else "rtn"))
     rc, out, err = run_cli("build", "--model", model, "--targets", toml, "--out", tmp_path / "b", "--eval-chunks", "2",
                            "--threads", "2", "--skip-bench")
     doc = json.loads((tmp_path / "b" / "results.json").read_text())
