@@ -125,6 +125,12 @@ def test_inspect_prints_architecture_shapes_and_applicability(tiny_models, tmp_p
     for needle in ("Qwen2ForCausalLM", "tied", "byte-level BPE", "model.layers.*.self_attn.q_proj.bias",
                    "128×256", "q4", "g96", "group_size 512 does not divide in_features 256"):
         assert needle in out, needle
+    from conftest import make_tiny_model
+
+    odd = make_tiny_model(tmp_path / "odd", hidden=320, inter=640, layers=1)  # 320 % 256 ≠ 0
+    rc, out, err = run_cli("inspect", odd, "--targets", t)
+    assert rc == 0, err
+    assert "llama.cpp fallback" in " ".join(out.split()) and "Q4_K→Q5_0" in out, out
 
 
 @pytest.mark.parametrize("arch, needle", [

@@ -71,15 +71,18 @@ def render_inspect(console: Any, path: str | None, targets_file: Path | None, ca
 
     if targets_file is not None:
         from ..config import check_target_against_model, parse_targets
+        from ..exporters import FORMATS
 
         tf = parse_targets(targets_file)
         tt = Table(title=f"targets in {targets_file}")
-        for col in ("target", "format", "scheme", "hardware", "applies", "why not", f"validates on this {m.kind}"):
+        for col in ("target", "format", "scheme", "hardware", "applies", "why not", f"validates on this {m.kind}",
+                    "shape notes"):
             tt.add_column(col)
         for t in tf.targets.values():
             why = check_target_against_model(t, info.linear_shapes)
             tt.add_row(t.name, t.format, t.scheme, t.hardware, "yes" if why is None else "no", why or "",
-                       "yes" if m.matches(t.hardware) else "no (other arithmetic)")
+                       "yes" if m.matches(t.hardware) else "no (other arithmetic)",
+                       FORMATS[t.format].shape_notes(t, info) if why is None else "")
         console.print(tt)
 
     if calibration is not None:

@@ -98,6 +98,10 @@ class Format:
                 return f"group_size {gs} does not divide in_features {k} of {name}; {choices}"
         return None
 
+    def shape_notes(self, t: Target, info: ModelInfo) -> str:
+        """What the model's shapes change about the artifact (shown by `quantprism inspect`); empty when nothing."""
+        return ""
+
     # -- the canonical stage -----------------------------------------------------------------------------------
     def grid_needs(self, t: Target, info: ModelInfo | None = None) -> GridNeeds:
         """The grids the stage must solve for ``t`` (``info``: the model, where its shapes change the answer)."""

@@ -253,6 +253,20 @@ class GGUFFormat(Format):
     def shape_problem(self, t: Target, linear_shapes: dict[str, tuple[int, int]]) -> str | None:
         return None  # llama.cpp writes every row length: a 32-block type where 256 does not divide, else F16
 
+    def shape_notes(self, t: Target, info: ModelInfo) -> str:
+        """The tensors llama.cpp's shape fallback moves to another type, counted by type."""
+        default = DEFAULT_TYPE[t.quant or "F16"]
+        if default in ("F16", "F32"):
+            return ""
+        base = model_types(t.quant, info, None, t.imatrix, shapes=False)
+        moved: dict[str, int] = {}
+        for mod, typ in model_types(t.quant, info, None, t.imatrix).items():
+            if typ != base[mod]:
+                moved[f"{base[mod]}→{typ}"] = moved.get(f"{base[mod]}→{typ}", 0) + 1
+        if not moved:
+            return ""
+        return "llama.cpp fallback (rows not a multiple of 256): " + ", ".join(f"{n} × {k}" for k, n in sorted(moved.items()))
+
     def grid_needs(self, t: Target, info: ModelInfo | None = None) -> GridNeeds:
         """Exactly the grids the writer will pack for ``info`` (its shapes decide the fallbacks); without a model,
         a nominal one whose rows fit every block."""

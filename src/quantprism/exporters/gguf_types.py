@@ -121,10 +121,12 @@ def model_ncols(info) -> dict[str, int]:
     return cols
 
 
-def model_types(file_type: str, info, plan: dict | None = None, imatrix: bool = True) -> dict[str, str]:
-    """tensor_types for one checkpoint: its layer count, tying, GQA ratio and row lengths."""
+def model_types(file_type: str, info, plan: dict | None = None, imatrix: bool = True,
+                shapes: bool = True) -> dict[str, str]:
+    """tensor_types for one checkpoint: its layer count, tying, GQA ratio and (``shapes``) row lengths."""
     cfg = info.config
     n_head = int(cfg["num_attention_heads"])
     n_gqa = n_head // int(cfg.get("num_key_value_heads") or n_head)
     return tensor_types(file_type, int(cfg["num_hidden_layers"]), info.tied_embeddings, plan,
-                        ncols=model_ncols(info), n_gqa=n_gqa, imatrix=imatrix, linears=info.arch.linears)
+                        ncols=model_ncols(info) if shapes else None, n_gqa=n_gqa, imatrix=imatrix,
+                        linears=info.arch.linears)
