@@ -288,7 +288,9 @@ def shapes_like(hidden: int, inter: int, layers: int = 8, tied: bool = False):
     if not tied:
         shapes["lm_head"] = (1000, hidden)
     cfg = {"num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 1, "hidden_size": hidden}
-    return SimpleNamespace(config=cfg, linear_shapes=shapes, tied_embeddings=tied)
+    from quantprism.model import ARCHS
+
+    return SimpleNamespace(config=cfg, linear_shapes=shapes, tied_embeddings=tied, arch=ARCHS["LlamaForCausalLM"])
 
 
 @pytest.mark.parametrize("quant", ["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q6_K", "Q8_0", "Q4_0", "IQ4_XS"])
