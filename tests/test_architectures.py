@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from trained_variants import save_trained_as
+from trained_variants import LLAMA3_ROPE, PHI3_LONGROPE, save_trained_as
 
 from conftest import require, require_vllm
 
@@ -22,10 +22,6 @@ require("onnxruntime", "pip install -e .[onnx]")
 require_vllm()
 pytestmark = [pytest.mark.slow, pytest.mark.llamacpp, pytest.mark.vllm, pytest.mark.onnx]
 
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64}
-PHI3_LONGROPE = {"rope_type": "longrope", "original_max_position_embeddings": 64,
-                 "long_factor": [1.0 + 0.25 * i for i in range(32)], "short_factor": [1.0] * 32}
 VARIANTS = {"qwen2.5": ("qwen2", None), "mistral": ("mistral", None), "qwen3": ("qwen3", None),
             "llama3.x": ("llama", LLAMA3_ROPE), "gemma2": ("gemma2", None), "gemma3": ("gemma3", None),
             "phi3": ("phi3", PHI3_LONGROPE)}

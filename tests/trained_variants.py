@@ -49,6 +49,12 @@ def bundled_state() -> dict:
     return load_file(str(BUILTIN_MODEL / "model.safetensors"))
 
 
+# RoPE scalings with the original context shrunk to 64 tokens, so at the 510 scored positions the scaling matters
+# everywhere (Llama 3.1's llama3; Phi-3's longrope, whose long factors apply above the original context)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+PHI3_LONGROPE = {"rope_type": "longrope", "original_max_position_embeddings": 64,
+                 "long_factor": [1.0 + 0.25 * i for i in range(32)], "short_factor": [1.0] * 32}
 GEMMA2_WINDOW = 128  # local layers see 128 tokens, so at the 510 scored positions local ≠ global attention
 # Gemma 3: local and global layers alternate (not llama.cpp's default of every 6th global), so the pattern must
 # travel in the file

@@ -22,7 +22,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from trained_variants import bundled_tokenizer, save_trained_as
+from trained_variants import LLAMA3_ROPE, PHI3_LONGROPE, bundled_tokenizer, save_trained_as
 
 from quantprism.calibration import BUILTIN_EVAL
 from quantprism.evaluate.compare import base_logprobs, compare, eval_token_chunks, torch_logits_fn
@@ -35,13 +35,8 @@ require("llama_cpp", "make install builds llama-cpp-python")
 
 N_CTX, CHUNKS = 512, 2
 QKV_BIAS = 0.25  # std of the seeded q/k/v biases of "qwen2-bias"
-# Llama 3.1's rope scaling with the original context shrunk to 64 tokens, so that at the 512 positions scored here
-# every frequency with a wavelength above 16 tokens is rescaled: a file without rope_freqs runs visibly unscaled
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64}
-# Phi-3's longrope with the original context shrunk to 64: at 512 positions the long factors apply
-PHI3_LONGROPE = {"rope_type": "longrope", "original_max_position_embeddings": 64,
-                 "long_factor": [1.0 + 0.25 * i for i in range(32)], "short_factor": [1.0] * 32}
+# LLAMA3_ROPE / PHI3_LONGROPE (trained_variants): original context 64, so a file without the scaling runs visibly
+# unscaled at the 510 scored positions
 FAMILIES = {  # name → (family the trained weights are saved as, q/k/v bias std, GGUF arch, transformers class[, rope])
     "mistral": ("mistral", 0.0, "llama", "MistralForCausalLM"),
     "qwen3": ("qwen3", 0.0, "qwen3", "Qwen3ForCausalLM"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -259,10 +260,8 @@ class GGUFFormat(Format):
         if default in ("F16", "F32"):
             return ""
         base = model_types(t.quant, info, None, t.imatrix, shapes=False)
-        moved: dict[str, int] = {}
-        for mod, typ in model_types(t.quant, info, None, t.imatrix).items():
-            if typ != base[mod]:
-                moved[f"{base[mod]}→{typ}"] = moved.get(f"{base[mod]}→{typ}", 0) + 1
+        moved = Counter(f"{base[mod]}→{typ}" for mod, typ in model_types(t.quant, info, None, t.imatrix).items()
+                        if typ != base[mod])
         if not moved:
             return ""
         return "llama.cpp fallback (rows not a multiple of 256): " + ", ".join(f"{n} × {k}" for k, n in sorted(moved.items()))

@@ -88,3 +88,4 @@ def arch_of(name: str | None, where: str = "model") -> Arch:
 
 
 SUPPORTED_ARCHS = tuple(ARCHS)
+LLAMA = ARCHS["LlamaForCausalLM"]  # the default structure (a model class not in ARCHS is treated as Llama)

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from ..errors import QuantprismError
-from ..model.archs import ARCHS
+from ..model.archs import ARCHS, LLAMA
 from .gptq import gptq_quantize
 from .grids import IntGrid, QuantizedTensor, grid_from_id
-from .stats import INPUT_GROUPS, attach_collectors
+from .stats import attach_collectors
 from .transforms import apply_scales, awq_search, foldable, scaled_hessian, smoothquant_scales
 
 TRANSFORMS = ("none", "awq", "smoothquant")
@@ -155,9 +155,9 @@ def run_canonical(model, input_ids: np.ndarray | torch.Tensor, settings: StageSe
     if ids.ndim != 2 or ids.shape[0] == 0:
         raise QuantprismError("calibration batch is empty; give at least one sample")
     results = [CanonicalModel(r, info={"layers": []}) for r in settings.recipes]
-    arch = ARCHS.get(next(iter(getattr(model.config, "architectures", None) or []), type(model).__name__))
-    groups = arch.input_groups if arch is not None else INPUT_GROUPS
-    linear_to_group = {lin: g for g, lins in groups.items() for lin in lins}
+    arch = ARCHS.get(next(iter(getattr(model.config, "architectures", None) or []), type(model).__name__), LLAMA)
+    groups = arch.input_groups
+    linear_to_group = arch.linear_to_group
     layers = model.model.layers
     n_layers = len(layers)
     start = 0

@@ -11,14 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-# input group → the linears reading it, and the module whose output it is (what a scale folds into)
-INPUT_GROUPS = {
-    "attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "attn_out": ("self_attn.o_proj",),
-    "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
-    "mlp_out": ("mlp.down_proj",),
-}
-LINEAR_TO_GROUP = {lin: g for g, lins in INPUT_GROUPS.items() for lin in lins}
+from ..model.archs import LLAMA
+
+# input group → the linears reading it (Llama's; each architecture's own: model/archs.py Arch.groups)
+INPUT_GROUPS = LLAMA.input_groups
 
 
 @dataclass

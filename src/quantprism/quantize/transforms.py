@@ -16,26 +16,18 @@ from collections.abc import Callable
 
 import torch
 
-from ..model.archs import Arch
+from ..model.archs import LLAMA, Arch
 from .grids import Grid
-from .stats import INPUT_GROUPS, InputStats
+from .stats import InputStats
 
-PREDECESSOR = {
-    "attn_in": "input_layernorm",
-    "attn_out": "self_attn.v_proj",
-    "mlp_in": "post_attention_layernorm",
-    "mlp_out": "mlp.up_proj",
-}
+# what produces each group's input, where a scale is divided out (mlp_in: the architecture's MLP norm)
+PREDECESSOR = {"attn_in": "input_layernorm", "attn_out": "self_attn.v_proj", "mlp_out": "mlp.up_proj"}
 
 
-def groups_of(arch: Arch | None) -> dict[str, tuple[str, ...]]:
-    return arch.input_groups if arch is not None else INPUT_GROUPS
-
-
-def foldable(layer: torch.nn.Module, group: str, arch: Arch | None = None) -> bool:
+def foldable(layer: torch.nn.Module, group: str, arch: Arch = LLAMA) -> bool:
     """Whether a scale on ``group``'s inputs can be divided out of what produces them exactly. Not for v→o and
     up→down where v / up are rows of a fused module (Phi-3's qkv_proj, gate_up_proj): left unscaled there."""
-    if group in ("attn_out", "mlp_out") and arch is not None and not arch.fold_out:
+    if group in ("attn_out", "mlp_out") and not arch.fold_out:
         return False
     if group == "attn_out":
         v, o = layer.get_submodule("self_attn.v_proj"), layer.get_submodule("self_attn.o_proj")
@@ -43,30 +35,23 @@ def foldable(layer: torch.nn.Module, group: str, arch: Arch | None = None) -> bo
     return True
 
 
-def predecessor(group: str, arch: Arch | None = None) -> str:
-    """The module whose output feeds ``group`` (Gemma's MLP input comes from pre_feedforward_layernorm)."""
-    if group == "mlp_in" and arch is not None:
-        return arch.mlp_norm
-    return PREDECESSOR[group]
-
-
-def apply_scales(layer: torch.nn.Module, group: str, s: torch.Tensor, arch: Arch | None = None) -> None:
+def apply_scales(layer: torch.nn.Module, group: str, s: torch.Tensor, arch: Arch = LLAMA) -> None:
     """Fold s into the group's linears (columns ×s) and its predecessor (outputs ÷s), in place.
 
     A norm computing x̂·(c + w) (Gemma: c = 1) gets (c + w)/s, i.e. w ← (c + w)/s − c: dividing w alone
     would leave c·x̂ unscaled and the fold would not be exact."""
     s = s.float()
     with torch.no_grad():
-        for lin in groups_of(arch)[group]:
+        for lin in arch.input_groups[group]:
             m = layer.get_submodule(lin)
             m.weight.mul_(s[None, :].to(m.weight.dtype))
-        prev = layer.get_submodule(predecessor(group, arch))
+        prev = layer.get_submodule(arch.mlp_norm if group == "mlp_in" else PREDECESSOR[group])
         if isinstance(prev, torch.nn.Linear):
             prev.weight.div_(s[:, None].to(prev.weight.dtype))
             if prev.bias is not None:
                 prev.bias.div_(s.to(prev.bias.dtype))
         else:  # RMSNorm gain
-            c = arch.norm_offset if arch is not None else 0.0
+            c = arch.norm_offset
             gain = (prev.weight.float() + c) / s
             prev.weight.copy_((gain - c).to(prev.weight.dtype))
 
@@ -82,9 +67,9 @@ def _normalise(s: torch.Tensor) -> torch.Tensor:
 
 
 def smoothquant_scales(layer: torch.nn.Module, group: str, st: InputStats, alpha: float,
-                       arch: Arch | None = None) -> torch.Tensor:
+                       arch: Arch = LLAMA) -> torch.Tensor:
     wmax = torch.stack([layer.get_submodule(n).weight.detach().abs().amax(0).float()
-                        for n in groups_of(arch)[group]]).amax(0)
+                        for n in arch.input_groups[group]]).amax(0)
     s = st.absmax.clamp_min(1e-5) ** alpha / wmax.clamp_min(1e-5) ** (1 - alpha)
     return _normalise(s)
 
@@ -100,7 +85,7 @@ def rtn_solver(grid: Grid) -> Solver:
 
 
 def awq_search(layer: torch.nn.Module, group: str, st: InputStats, grid: Grid, n_grid: int = 20,
-               solver: Solver | None = None, arch: Arch | None = None) -> tuple[torch.Tensor, dict]:
+               solver: Solver | None = None, arch: Arch = LLAMA) -> tuple[torch.Tensor, dict]:
     """The ratio r ∈ [0, 1) minimising the group's output MSE with scales x̄^r/w̄^(1−r).
 
     ``solver`` rounds the scaled weights as the recipe will (RTN by default; GPTQ for awq+gptq,
@@ -109,7 +94,7 @@ def awq_search(layer: torch.nn.Module, group: str, st: InputStats, grid: Grid, n
     solver = solver or rtn_solver(grid)
     H = st.hessian
     x = st.x_sample
-    lins = [layer.get_submodule(n) for n in groups_of(arch)[group]]
+    lins = [layer.get_submodule(n) for n in arch.input_groups[group]]
     W = torch.cat([m.weight.detach().float() for m in lins], 0)
     y_ref = x @ W.T
     x_mean = x.abs().mean(0)
