@@ -90,6 +90,52 @@ def test_runtime_killed_mid_target_others_finish(project, run_cli, monkeypatch):
     assert rows["q8"]["passed"] and rows["q8"]["quality"]["kld_mean"] > 0
 
 
+def test_ctrl_c_during_export_leaves_nothing_half_written_and_rerun_resumes(project, run_cli, monkeypatch):
+    """Ctrl-C in the middle of writing the second GGUF: exit 130, no artifact and no temp file for it; the first
+    target's finished export is reused by the rerun (not rewritten), the second is written, and both are
+    byte-identical to an uninterrupted build."""
+    import gguf
+
+    from quantprism.pipeline import build as build_mod
+
+    tmp, make = project
+    real_write = gguf.GGUFWriter.write_tensor_data
+    written = {"q8": 0}
+
+    def write_then_interrupt(self, tensor, *a, **kw):
+        if "/q8/" in str(self.path):
+            written["q8"] += 1
+            if written["q8"] == 5:
+                raise KeyboardInterrupt
+        return real_write(self, tensor, *a, **kw)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", write_then_interrupt)
+    rc, out, err = _build(run_cli, make(), tmp / "b", "--skip-bench")
+    assert rc == 130 and "run the same command again" in err, out + err
+    assert written["q8"] == 5
+    q4 = sorted((tmp / "b" / "q4km").glob("*.gguf"))
+    assert len(q4) == 1 and (tmp / "b" / "q4km" / ".work" / "export.json").is_file()
+    assert not list((tmp / "b" / "q8").rglob("*.gguf")) and not list((tmp / "b").rglob("*.tmp"))
+    assert not (tmp / "b" / "results.json").exists()
+    q4_bytes, q4_mtime = q4[0].read_bytes(), q4[0].stat().st_mtime_ns
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", real_write)
+    exported = []
+    real_export = build_mod.export_target
+    monkeypatch.setattr(build_mod, "export_target", lambda t, *a, **kw: exported.append(t.name) or real_export(t, *a, **kw))
+    rc, out, err = _build(run_cli, make(), tmp / "b", "--skip-bench")
+    assert rc == 0, out + err
+    assert exported == ["q8"]  # q4km's export was finished: reused
+    rows = {r["name"]: r for r in json.loads((tmp / "b" / "results.json").read_text())["targets"]}
+    assert rows["q4km"].get("export_resumed") and not rows["q8"].get("export_resumed")
+    assert q4[0].read_bytes() == q4_bytes and q4[0].stat().st_mtime_ns == q4_mtime
+    rc, out, err = _build(run_cli, make(), tmp / "clean", "--skip-bench")
+    assert rc == 0, out + err
+    for name in ("q4km", "q8"):
+        (a,), (b,) = (list((tmp / d / name).glob("*.gguf")) for d in ("b", "clean"))
+        assert a.read_bytes() == b.read_bytes(), name
+
+
 def test_bad_input_is_one_line_exit_2(project, run_cli):
     from conftest import assert_one_line_error
 

@@ -37,3 +37,18 @@ def test_console_script_exit_code(tmp_path):
     assert_one_line_error(r.returncode, r.stderr, "missing.toml")
     r = subprocess.run(exe + ["--version"], capture_output=True, text=True)
     assert r.returncode == 0 and "quantprism" in r.stdout
+
+
+@pytest.mark.parametrize("cmd", ["build", "quantize"])
+@pytest.mark.parametrize("flags, needle", [
+    (("--device", "tpu"), "use auto, cpu, cuda or cuda:N"),
+    (("--device", "cuda:99"), "--device cuda:99"),  # no CUDA here, or not 100 devices: either way one line
+    (("--max-memory", "lots"), "memory size 'lots'"),
+    (("--max-memory", "-2GB"), "must be positive"),
+])
+def test_bad_device_or_memory_is_one_line(tmp_path, run_cli, cmd, flags, needle):
+    """Checked before any work starts (no model is read, nothing is written)."""
+    rc, _, err = run_cli(cmd, "--targets", "targets.toml", *(("--out", tmp_path / "o") if cmd == "build" else ()),
+                         *flags)
+    assert_one_line_error(rc, err, needle)
+    assert not (tmp_path / "o").exists()

@@ -1,6 +1,7 @@
 """The canonical stage on real models: GPTQ beats RTN per layer, transforms are exact, one pass serves all targets."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -184,7 +185,11 @@ def test_cache_hit_and_identical_codes(tmp_path, tiny_models):
     assert info.tied_embeddings and "lm_head" in a.results[0].quant and "model.embed_tokens" not in a.results[0].quant
     # the saved files are byte-identical too
     for pa, pb in zip(a.paths, b.paths, strict=True):
-        assert (pa / "canonical.safetensors").read_bytes() == (pb / "canonical.safetensors").read_bytes()
+        files = json.loads((pa / "canonical.json").read_text())["files"]
+        assert files == json.loads((pb / "canonical.json").read_text())["files"] and "head.safetensors" in files
+        assert len(files) == info.n_layers + 1  # one file per decoder layer (streamed) + the head
+        for f in files:
+            assert (pa / f).read_bytes() == (pb / f).read_bytes()
 
 
 def test_interrupted_run_resumes_after_last_finished_layer(tmp_path, tiny_models):
@@ -199,7 +204,7 @@ def test_interrupted_run_resumes_after_last_finished_layer(tmp_path, tiny_models
     with pytest.raises(KeyboardInterrupt):
         run_stage(info, recipes, cache_dir=tmp_path / "c", progress=die_in_layer_1, **kw)
     partial = [p for p in (tmp_path / "c").iterdir() if p.name.startswith("partial-")]
-    assert len(partial) == 1 and (partial[0] / "layer_000.safetensors").is_file()
+    assert len(partial) == 1 and (partial[0] / "layer_000.r0.safetensors").is_file()
     resumed = run_stage(info, recipes, cache_dir=tmp_path / "c", **kw)
     assert resumed.counter["resumed_from_layer"] == 0
     assert resumed.counter["layer_forwards"] == 2  # only layer 1 ran again: stats + propagation

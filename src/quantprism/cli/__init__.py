@@ -1,6 +1,7 @@
 """The `quantprism` command line (thin: parsing and printing; work lives in the modules below)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -18,6 +19,50 @@ def _console(stderr: bool = False):
 
     # CI logs: no truncation
     return Console(soft_wrap=False, width=max(160, int(os.environ.get("COLUMNS", "0") or 0)), stderr=stderr)
+
+
+def _run_options(f):
+    """--device, --max-memory and --quiet: how the long commands run and report."""
+    f = click.option("--quiet", is_flag=True, help="No progress bars or step lines (errors and the final report only).")(f)
+    f = click.option("--max-memory", default=None,
+                     help="RAM the canonical pass may use, e.g. 12GB (default: half of the available memory); "
+                          "activations beyond it spill to disk.")(f)
+    f = click.option("--device", default="auto", show_default=True,
+                     help="Where the layer being solved runs: auto (a CUDA GPU when present), cpu, cuda or cuda:N.")(f)
+    return f
+
+
+@contextlib.contextmanager
+def _progress(console, quiet: bool):
+    """Rich bars with ETA on a terminal; plain, throttled log lines when stdout is not a TTY (CI); nothing if quiet."""
+    import logging
+
+    from .. import progress
+
+    logger = logging.getLogger("quantprism")
+    if quiet:
+        logger.setLevel(logging.WARNING)
+        yield
+        return
+    if console.is_terminal:
+        with progress.rich_progress(console) as bars, progress.reporting(progress.RichReporter(bars)):
+            yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with progress.reporting(progress.LogReporter(logger)):
+            yield
+    finally:
+        logger.removeHandler(handler)
+
+
+def _memory(text: str | None) -> int | None:
+    from ..quantize.activations import parse_bytes
+
+    return parse_bytes(text) if text else None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -101,24 +146,26 @@ def _load_targets(targets_file: Path, model: str | None):
 @click.option("--fp-inputs", is_flag=True, help="Calibrate every layer on fp inputs instead of the quantized layers before it.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Also copy the canonical results here.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Cache (default ~/.cache/quantprism/canonical).")
+@_run_options
 def quantize_cmd(targets_file: Path, only: tuple[str, ...], model: str | None, calibration: str | None,
-                 samples: int | None, seq_len: int | None, fp_inputs: bool, out: Path | None, cache_dir: Path | None) -> None:
+                 samples: int | None, seq_len: int | None, fp_inputs: bool, out: Path | None, cache_dir: Path | None,
+                 device: str, max_memory: str | None, quiet: bool) -> None:
     """Run the canonical stage once for the targets: one calibration pass, every grid they need.
 
     Results are cached by content (model, calibration, recipe); a re-run is a cache hit, and an
     interrupted run starts again without trusting partial files.
     """
-    from rich.progress import Progress
     from rich.table import Table
 
+    from ..model.stream import device_of
     from ..pipeline.commands import quantize
 
+    device_of(device)  # a bad --device or --max-memory is exit 2 before any work
+    budget = _memory(max_memory)
     tf, info = _load_targets(targets_file, model)
-    with Progress(transient=True) as prog:
-        task = prog.add_task("canonical pass", total=None)
+    with _progress(_console(), quiet):
         q = quantize(tf, info, list(only), calibration, samples, seq_len, sequential=not fp_inputs, out=out,
-                     cache_dir=cache_dir, progress=lambda mod, li, n: prog.advance(task),
-                     on_total=lambda n: prog.update(task, total=n))
+                     cache_dir=cache_dir, device=device, max_memory=budget)
     if q.run is None:
         click.echo("nothing to quantize for these targets")
         return
@@ -210,20 +257,23 @@ def validate_cmd(artifact: Path, threads: int | None, model: str | None, eval_te
 @click.option("--eval-text", default=None, help="Held-out text (overrides [defaults].eval_text).")
 @click.option("--eval-chunks", type=int, default=16, show_default=True, help="512-token chunks scored per target.")
 @click.option("--threads", type=int, default=None, help="Runtime threads (default: all cores, at most 8).")
+@_run_options
 def build_cmd(targets_file: Path, only: tuple[str, ...], out: Path, skip_bench: bool, model: str | None,
-              calibration: str | None, eval_text: str | None, eval_chunks: int, threads: int | None) -> None:
+              calibration: str | None, eval_text: str | None, eval_chunks: int, threads: int | None,
+              device: str, max_memory: str | None, quiet: bool) -> None:
     """Build every target: one canonical pass, exports, and per target a smoke test, quality in its own runtime
     against the original model, and a latency benchmark; results.json, report.md and report.html in OUT.
 
     Exit 0 when every gate holds, 1 when a gate fails or a target fails, 2 on bad input.
     """
-    from rich.progress import Progress
-
     from ..calibration import eval_text_path
     from ..errors import ConfigError
+    from ..model.stream import device_of
     from ..pipeline import targets_of
     from ..pipeline.build import BuildSettings, build
 
+    device_of(device)  # a bad --device or --max-memory is exit 2 before any work
+    budget = _memory(max_memory)
     tf, info = _load_targets(targets_file, model)
     d = tf.defaults
     targets = targets_of(tf, list(only))
@@ -233,10 +283,10 @@ def build_cmd(targets_file: Path, only: tuple[str, ...], out: Path, skip_bench: 
     s = BuildSettings(out=out, calibration=calibration or d.calibration, samples=d.samples, seq_len=d.seq_len, seed=d.seed,
                       eval_text=eval_text_path(eval_text or d.eval_text), eval_chunks=eval_chunks,
                       threads=threads or min(os.cpu_count() or 1, 8), skip_bench=skip_bench,
-                      log=lambda m: console.print(f"[dim]·[/dim] {m}", highlight=False))
-    with Progress(transient=True, console=console) as prog:
-        task = prog.add_task("canonical pass", total=None)
-        doc = build(targets, info, s, progress=lambda mod, li, n: prog.advance(task))
+                      log=(lambda m: None) if quiet else (lambda m: console.print(f"[dim]·[/dim] {m}", highlight=False)),
+                      device=device, max_memory=budget)
+    with _progress(console, quiet):
+        doc = build(targets, info, s)
     from ..report.render import render_md
 
     console.print(render_md(doc), markup=False, highlight=False)
@@ -264,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit code 2."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # our own bars only: no third-party progress output
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         rv = cli.main(args=argv, prog_name="quantprism", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
@@ -272,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except click.exceptions.Exit as e:
         return e.exit_code
-    except click.exceptions.Abort:
-        print("error: aborted", file=sys.stderr)
+    except click.exceptions.Abort:  # Ctrl-C: every artifact and checkpoint is written by rename, never half
+        print("error: interrupted; run the same command again to resume from what is finished", file=sys.stderr)
         return 130
     except click.ClickException as e:
         print(f"error: {e.format_message()} (see 'quantprism --help')", file=sys.stderr)

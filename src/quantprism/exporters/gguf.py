@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import progress
 from ..config import Target
 from ..errors import ArtifactError, ConfigError
 from ..model import ModelInfo
@@ -110,6 +111,10 @@ def write_gguf(out: Path, info: ModelInfo, canonical, file_type: str, imatrix: b
 
     ``plan`` is the target's mixed-precision plan (pipeline.target_plan); it is merged into the
     mixture rules and recorded under ``quantprism.plan``.
+
+    Streamed: the tensor-info table is built from the checkpoint's shapes, then each tensor is read (or packed) and
+    written in turn, so memory stays at about one tensor and its packed form; bytes written go to ``progress``. The
+    file is the one ``GGUFWriter.add_tensor`` + ``write_tensors_to_file`` would write, byte for byte.
     """
     import gguf
     from gguf.utility import model_weight_count_rounded_notation
@@ -178,28 +183,58 @@ def write_gguf(out: Path, info: ModelInfo, canonical, file_type: str, imatrix: b
         vocab.write(w)
         w.add_string("quantprism.tokenizer", json.dumps(vocab.record(), sort_keys=True))  # how `pre` was chosen
 
+        # Pass 1: every tensor's name, shape, type and size, from the checkpoint's shapes — nothing is read or packed
+        # yet; the tensor-info table is written from it. Pass 2 then reads/packs and writes one tensor at a time.
+        tensors: list[tuple[str, tuple[int, ...], int, Callable[[], np.ndarray]]] = []  # name, shape, bytes, loader
+
+        def shape_of(hf: str) -> tuple[int, ...]:
+            ti = info.tensors.get(hf)
+            if ti is None:
+                raise ArtifactError(f"{info.path}: the checkpoint has no tensor {hf}, which the GGUF needs")
+            return tuple(int(d) for d in ti.shape)
+
+        def load_quant(key: str, gid: str, qtype: str, permute_heads: int | None) -> np.ndarray:
+            qt = canonical.quant[key][gid]
+            params = {"codes": qt.codes, **qt.params}
+            if permute_heads:
+                params = {k: _permute_rows(v, permute_heads) for k, v in params.items()}
+            return np.frombuffer(pack(qtype, params), dtype=np.uint8).reshape(qt.codes.shape[0], -1)
+
+        def load_fp(hf: str, dtype: np.dtype, permute_heads: int | None, norm: bool) -> np.ndarray:
+            x = fp_state[hf].float().numpy()
+            if norm:  # HF stores w for x̂·(1 + w); llama.cpp the gain
+                x = x + np.float32(spec.norm_offset)
+            if permute_heads:
+                x = _permute_rows(x, permute_heads)
+            return x.astype(dtype)
+
         def emit(gname: str, hf: str, permute_heads: int | None = None) -> None:
             mod = hf.removesuffix(".weight")
             t = types.get(mod)
             # a tied embedding is the output matrix: the stage solved it as lm_head
             key = "lm_head" if mod == "model.embed_tokens" and info.tied_embeddings else mod
             gid = choose(key)
+            shape = shape_of(hf)
             if gid is not None:
                 if canonical is None or gid not in canonical.quant.get(key, {}):
                     raise ArtifactError(f"canonical result has no grid {gid} for {key}; re-run quantize for {file_type}")
-                qt = canonical.quant[key][gid]
-                params = {"codes": qt.codes, **qt.params}
-                if permute_heads:
-                    params = {k: _permute_rows(v, permute_heads) for k, v in params.items()}
-                raw = np.frombuffer(pack(t, params), dtype=np.uint8).reshape(qt.codes.shape[0], -1)
-                w.add_tensor(gname, raw, raw_dtype=getattr(gguf.GGMLQuantizationType, t))
+                qtype = getattr(gguf.GGMLQuantizationType, t)
+                byte_shape = tuple(int(d) for d in gguf.quant_shape_to_byte_shape(shape, qtype))
+                nbytes = int(np.prod(byte_shape))
+                w.add_tensor_info(gname, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=qtype)
+                tensors.append((gname, byte_shape, nbytes, lambda: load_quant(key, gid, t, permute_heads)))
                 return
-            x = fp_state[hf].float().numpy()
-            if spec.norm_offset and hf.endswith("norm.weight"):  # HF stores w for x̂·(1 + w); llama.cpp the gain
-                x = x + np.float32(spec.norm_offset)
-            if permute_heads:
-                x = _permute_rows(x, permute_heads)
-            w.add_tensor(gname, x.astype(fp_dtype if x.ndim == 2 else np.float32))
+            dtype = np.dtype(fp_dtype if len(shape) == 2 else np.float32)
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            w.add_tensor_info(gname, shape, dtype, nbytes)
+            norm = bool(spec.norm_offset) and hf.endswith("norm.weight")
+            tensors.append((gname, shape, nbytes, lambda: load_fp(hf, dtype, permute_heads, norm)))
+
+        def emit_bias(gname: str, hf: str, permute_heads: int | None) -> None:
+            shape, dtype = shape_of(hf), np.dtype(np.float32)  # llama.cpp adds the bias before RoPE: it follows its rows
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            w.add_tensor_info(gname, shape, dtype, nbytes)
+            tensors.append((gname, shape, nbytes, lambda: load_fp(hf, dtype, permute_heads, False)))
 
         emit("token_embd.weight", "model.embed_tokens.weight")
         emit("output_norm.weight", "model.norm.weight")
@@ -219,14 +254,22 @@ def write_gguf(out: Path, info: ModelInfo, canonical, file_type: str, imatrix: b
                     perm = n_head if lin.endswith("q_proj") else n_kv
                 emit(f"blk.{i}.{g}.weight", f"{p}.{lin}.weight", perm)
                 if f"{p}.{lin}.bias" in fp_state:
-                    b = fp_state[f"{p}.{lin}.bias"].float().numpy()
-                    if perm:  # llama.cpp adds the bias before RoPE: it must follow its rows
-                        b = _permute_rows(b, perm)
-                    w.add_tensor(f"blk.{i}.{g}.bias", b.astype(np.float32))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+                    emit_bias(f"blk.{i}.{g}.bias", f"{p}.{lin}.bias", perm)
+        try:
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            with progress.task(f"export {out.name}", total=sum(n for *_, n, _ in tensors), unit="B") as task:
+                for gname, shape, nbytes, load in tensors:
+                    data = load()
+                    if data.shape != shape or data.nbytes != nbytes:
+                        raise ArtifactError(f"{gname}: shape {data.shape}, but the checkpoint's shape gives {shape}; "
+                                            "the canonical result does not match the model")
+                    w.write_tensor_data(data)
+                    task.advance(nbytes)
+                    del data
+        finally:
+            w.close()
     return out
 
 

@@ -4,6 +4,8 @@ Shared by the GPTQ, AWQ and compressed-tensors exporters, which only supply the 
 the ``quantization_config``. Unquantized tensors come from ``state.canonical_fp_state`` (the
 transformed weights: AWQ/SmoothQuant scales folded into norms), cast to the checkpoint dtype. Output is deterministic (same inputs → byte-identical files: sorted keys,
 fixed metadata) and the directory appears atomically (built beside the destination, then renamed).
+Tensors are streamed: ``tensors`` may be a lazy Mapping or an iterable of (name, tensor) pairs, and the safetensors
+are written one tensor at a time (exporters/safetensors_stream.py), so the export never holds the checkpoint.
 
 Checkpoint dtype: bfloat16 by default. Quantized layers keep their scales in fp16 on disk (exact),
 but vLLM casts scales to the run's dtype: a bf16 run rounds them (reference pitfall 10), so a
@@ -17,19 +19,19 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .. import progress
 from ..errors import ArtifactError
 from ..model import ModelInfo
+from .safetensors_stream import DEFAULT_SHARD_BYTES, INDEX_FILE, SINGLE_FILE, write_stream  # noqa: F401 (re-exported)
 
+Tensors = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_SHARD_BYTES = 2_000_000_000
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
     "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
@@ -73,40 +75,16 @@ def _json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+def write_safetensors(root: Path, tensors: Tensors, shard_bytes: int = DEFAULT_SHARD_BYTES,
+                      description: str | None = None, total_bytes: int | None = None) -> list[str]:
+    """One ``model.safetensors``, or numbered shards plus ``model.safetensors.index.json``; returns the shard files.
 
-
-def shard_plan(tensors: dict[str, torch.Tensor], shard_bytes: int) -> list[list[str]]:
-    """Greedy shards in sorted-name order; a tensor larger than ``shard_bytes`` gets a shard of its own."""
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name in sorted(tensors):
-        b = _nbytes(tensors[name])
-        if shards[-1] and size + b > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += b
-    return shards
-
-
-def write_safetensors(root: Path, tensors: dict[str, torch.Tensor], shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
-    """One ``model.safetensors``, or numbered shards plus ``model.safetensors.index.json``; returns the files."""
-    from safetensors.torch import save_file
-
-    shards = shard_plan(tensors, shard_bytes)
-    if len(shards) == 1:
-        files = [SINGLE_FILE]
-    else:
-        files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        _json(root / INDEX_FILE, {
-            "metadata": {"total_size": sum(_nbytes(t) for t in tensors.values())},
-            "weight_map": {name: f for f, names in zip(files, shards, strict=True) for name in names},
-        })
-    for f, names in zip(files, shards, strict=True):
-        save_file({n: tensors[n].contiguous() for n in names}, str(root / f), metadata={"format": "pt"})
-    return files
+    ``tensors``: a Mapping (written in sorted-name order, each value read when written) or an iterable of
+    (name, tensor) pairs (written in its order). Shards are filled greedily in that order; a tensor larger than
+    ``shard_bytes`` gets a shard of its own. Progress (bytes written) is reported as ``description``."""
+    with progress.task(description or f"write {Path(root).name}", total=total_bytes, unit="B") as task:
+        return write_stream(Path(root), tensors, shard_bytes, {"format": "pt"},
+                            on_tensor=lambda name, n: task.advance(n))
 
 
 def model_config(info: ModelInfo, quantization_config: dict, dtype: str) -> dict:
@@ -124,15 +102,17 @@ def generation_config(info: ModelInfo) -> dict:
     return {k: info.config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if info.config.get(k) is not None}
 
 
-def write_hf_checkpoint(out_dir: Path, info: ModelInfo, tensors: dict[str, torch.Tensor], quantization_config: dict,
+def write_hf_checkpoint(out_dir: Path, info: ModelInfo, tensors: Tensors, quantization_config: dict,
                         dtype: str = "bfloat16", shard_bytes: int = DEFAULT_SHARD_BYTES,
-                        extra_json: dict[str, Any] | None = None) -> Path:
-    """Write the directory ``out_dir`` atomically; ``tensors`` are final (packed and cast)."""
+                        extra_json: dict[str, Any] | None = None, total_bytes: int | None = None) -> Path:
+    """Write the directory ``out_dir`` atomically; ``tensors`` are final (packed and cast): a Mapping or an iterable
+    of (name, tensor) pairs, consumed one tensor at a time (see write_safetensors). ``total_bytes``, when the caller
+    knows it, gives the progress report its total."""
     if dtype not in DTYPES:
         raise ArtifactError(f"checkpoint dtype {dtype!r} is not supported; use {' or '.join(DTYPES)}")
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        write_safetensors(tmp, tensors, shard_bytes)
+        write_safetensors(tmp, tensors, shard_bytes, description=f"export {out_dir.name}", total_bytes=total_bytes)
         _json(tmp / "config.json", model_config(info, quantization_config, dtype))
         _json(tmp / "generation_config.json", generation_config(info))
         for f in TOKENIZER_FILES:

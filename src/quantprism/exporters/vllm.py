@@ -11,6 +11,7 @@ holds embed_tokens only, as the original does.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -75,19 +76,28 @@ class VLLMFormat(Format):
         return qc.get("quant_method") == self.quant_method
 
 
-def checkpoint_tensors(fmt: VLLMFormat, info: ModelInfo, canonical, mp: ModulePlan, dtype: str) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for name, t in canonical_fp_state(info, canonical).items():
+def checkpoint_tensors(fmt: VLLMFormat, info: ModelInfo, canonical, mp: ModulePlan,
+                       dtype: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors, one at a time, in the checkpoint's order: each fp tensor cast, and in place of each
+    quantized module's weight its packed tensors (packed when reached, so one module is in memory at a time)."""
+    packed = {mod: gid for mod, gid in mp.grids.items() if gid is not None}
+    done: set[str] = set()
+
+    def pack(mod: str) -> Iterator[tuple[str, torch.Tensor]]:
+        done.add(mod)
+        for suffix, arr in fmt.pack_module(canonical.quant[mod][packed[mod]], mod).items():
+            yield f"{mod}.{suffix}", torch.from_numpy(arr)
+
+    state = canonical_fp_state(info, canonical)
+    for name in state:
         mod, _, leaf = name.rpartition(".")
-        if leaf == "weight" and mp.grids.get(mod) is not None:
-            continue  # replaced by the packed tensors below
-        tensors[name] = cast_fp(name, t, dtype)
-    for mod, gid in mp.grids.items():
-        if gid is None:
-            continue
-        for suffix, arr in fmt.pack_module(canonical.quant[mod][gid], mod).items():
-            tensors[f"{mod}.{suffix}"] = torch.from_numpy(arr)
-    return tensors
+        if leaf == "weight" and mod in packed:
+            yield from pack(mod)  # replaces the fp weight
+        else:
+            yield name, cast_fp(name, state[name], dtype)
+    for mod in packed:  # a quantized module whose weight the fp state does not list
+        if mod not in done:
+            yield from pack(mod)
 
 
 def export_vllm(spec: ExportSpec | Target, info: ModelInfo, canonical, out_dir: Path, plan: dict | None = None, *,

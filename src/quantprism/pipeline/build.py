@@ -5,8 +5,10 @@ on. Exit code: 0 when every target passed all its gates, 1 otherwise (bad input 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -16,11 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import __version__, progress
 from ..config import Target
 from ..hardware import detect
 from ..manifest import file_table, write_json_atomic
 from ..model import ModelInfo
 from ..report.results import SCHEMA, environment, evaluate_gates
+from .rss import peak_mb, reset_peak
 
 SMOKE_PROMPT = "def read_config(path):\n"
 SMOKE_TOKENS = 32  # generated greedily, EOS not honoured: a runtime that stops early fails
@@ -45,6 +49,9 @@ class BuildSettings:
     repeats: int = 5
     log: Callable[[str], None] = print
     seconds: dict = field(default_factory=dict)
+    device: str | None = "auto"  # the canonical pass and the torch references: auto | cpu | cuda[:N]
+    max_memory: int | None = None  # bytes the canonical pass may hold (None: half of the available memory)
+    peak_rss_mb: dict = field(default_factory=dict)  # per stage, this process (runtimes: each worker's own)
 
 
 def export_target(t: Target, info: ModelInfo, res, plan: dict | None, dest: Path, prov: dict):
@@ -56,11 +63,42 @@ def export_target(t: Target, info: ModelInfo, res, plan: dict | None, dest: Path
     return spec, fmt.export(spec, info, res, dest)
 
 
+EXPORT_STAMP = "export.json"
+
+
+def export_key(t: Target, info: ModelInfo, canonical_path: Path | None, plan: dict | None) -> str:
+    """Everything an artifact depends on: the target's settings, the canonical result (content-addressed path), the
+    model, the plan, the tool version."""
+    blob = json.dumps({"target": dataclasses.asdict(t), "canonical": canonical_path.name if canonical_path else None,
+                       "model": info.weights_sha256, "plan": plan, "v": __version__}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def finished_export(target_dir: Path, key: str) -> tuple[Path, Path] | None:
+    """(artifact, canonical reference) of an export an earlier run finished with the same key, else None."""
+    stamp = target_dir / ".work" / EXPORT_STAMP
+    try:
+        d = json.loads(stamp.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    art, ref = Path(d["artifact"]), Path(d["reference"])
+    if d.get("key") != key or not art.exists() or not ref.is_file():
+        return None
+    return art, ref
+
+
+def mark_export(target_dir: Path, key: str, artifact: Path, reference: Path) -> None:
+    write_json_atomic(target_dir / ".work" / EXPORT_STAMP, {"key": key, "artifact": str(artifact),
+                                                            "reference": str(reference)})
+
+
 def base_logprobs_file(info: ModelInfo, s: BuildSettings, calibration_ids: np.ndarray, cache: Path) -> Path:
     """The original model's scored log-probs, chunks and slice masks, computed once per (model, text, framing)."""
-    from ..evaluate.compare import base_logprobs, eval_token_chunks, torch_logits_fn
+    from ..evaluate.compare import base_logprobs, eval_token_chunks
     from ..evaluate.slices import slice_masks
-    from ..model import load_tokenizer, load_torch_model
+    from ..evaluate.streamed import logits_fn, streamed_logits
+    from ..exporters.state import TensorStore
+    from ..model import load_tokenizer
 
     h = hashlib.sha256()
     for part in (info.weights_sha256, hashlib.sha256(s.eval_text.read_bytes()).hexdigest(), s.n_ctx, s.eval_chunks,
@@ -71,7 +109,8 @@ def base_logprobs_file(info: ModelInfo, s: BuildSettings, calibration_ids: np.nd
         return path
     tok = load_tokenizer(info)
     chunks = eval_token_chunks(tok, s.eval_text, s.n_ctx, s.eval_chunks)
-    base = base_logprobs(chunks, torch_logits_fn(load_torch_model(info)))
+    base = base_logprobs(chunks, logits_fn(streamed_logits(info, TensorStore(info), chunks, s.device,
+                                                           spill_dir=cache / "spill")))
     masks = slice_masks(tok, s.eval_text, chunks, calibration_ids)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
@@ -81,15 +120,17 @@ def base_logprobs_file(info: ModelInfo, s: BuildSettings, calibration_ids: np.nd
     return path
 
 
-def canonical_reference_file(model, info: ModelInfo, spec, res, chunks: np.ndarray, path: Path) -> Path:
+def canonical_reference_file(info: ModelInfo, spec, res, chunks: np.ndarray, path: Path, device: str | None = "cpu") -> Path:
     """The canonical model of ``t`` (canonical fp state + the grids its format carries, dequantized — no exporter,
     no packer) scored on the smoke chunks. The smoke test holds the runtime's logits against it, so any
     exporter/state mismatch (e.g. norms from the original while the codes are AWQ-scaled) fails the target."""
-    from ..evaluate.compare import base_logprobs, torch_logits_fn
-    from ..exporters.state import canonical_weights, load_weights
+    from ..evaluate.compare import base_logprobs
+    from ..evaluate.streamed import logits_fn, streamed_logits
+    from ..exporters.state import canonical_weights
 
-    load_weights(model, canonical_weights(info, res, spec.grid_id))
-    ref = base_logprobs(chunks, torch_logits_fn(model))
+    state = canonical_weights(info, res, spec.grid_id)
+    ref = base_logprobs(chunks, logits_fn(streamed_logits(info, state, chunks, device, spill_dir=path.parent,
+                                                          what=f"canonical model of {spec.name}")))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, scale=ref.scale, min_log_prob=ref.min_log_prob, q=ref.q, next_tokens=ref.next_tokens, chunks=chunks)
@@ -121,16 +162,33 @@ def run_worker(name: str, runtime: str, artifact: Path, base: Path, s: BuildSett
             "decode_tokens": s.decode_tokens, "repeats": s.repeats, "out": str(work / "worker.json")}
     work.mkdir(parents=True, exist_ok=True)
     (work / "worker.json").unlink(missing_ok=True)
+    events = work / "events.jsonl"
+    events.unlink(missing_ok=True)
+    spec["events"] = str(events)
     spec_path = work / "worker-spec.json"
     spec_path.write_text(json.dumps(spec, indent=2))
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run([sys.executable, "-m", "quantprism.pipeline.validate", str(spec_path)], capture_output=True,
-                              text=True, timeout=WORKER_TIMEOUT_S)
-        rc, err = proc.returncode, proc.stderr
-    except subprocess.TimeoutExpired:
-        rc, err = None, f"timed out after {WORKER_TIMEOUT_S} s"
-    (work / "worker.log").write_text(err or "")
+    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # no third-party bars
+    with open(work / "worker.log", "w") as errf, \
+            progress.task(f"{name}: validate in {runtime}", total=None, unit="step") as bar:
+        proc = subprocess.Popen([sys.executable, "-m", "quantprism.pipeline.validate", str(spec_path)],
+                                stdout=subprocess.DEVNULL, stderr=errf, text=True, env=env)
+        seen, rc = 0, None
+        try:
+            while rc is None:
+                try:
+                    rc = proc.wait(timeout=0.5)
+                except subprocess.TimeoutExpired:
+                    if time.perf_counter() - t0 > WORKER_TIMEOUT_S:
+                        proc.kill()
+                        proc.wait()
+                        break
+                seen = _follow(events, seen, bar)
+        except BaseException:  # Ctrl-C: the runtime process goes too
+            proc.kill()
+            proc.wait()
+            raise
+    err = (work / "worker.log").read_text(errors="replace") if rc is not None else f"timed out after {WORKER_TIMEOUT_S} s"
     out = work / "worker.json"
     if out.is_file():
         res = json.loads(out.read_text())
@@ -142,6 +200,24 @@ def run_worker(name: str, runtime: str, artifact: Path, base: Path, s: BuildSett
         res = {"status": "error", "error": f"runtime process died ({why}){': ' + tail[0][:200] if tail else ''}"}
     res.setdefault("seconds", {})["wall"] = round(time.perf_counter() - t0, 2)
     return res
+
+
+def _follow(events: Path, seen: int, bar) -> int:
+    """Advance ``bar`` by the worker's new progress lines; returns how many were seen."""
+    try:
+        lines = events.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return seen
+    for line in lines[seen:]:
+        try:
+            ev = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a line being written
+        if bar.reporter is not None and ev.get("total") and seen == 0:
+            bar.set_total(ev["total"])
+        bar.advance(1, note=ev.get("step"))
+        seen += 1
+    return seen
 
 
 def _size(path: Path) -> tuple[dict, int]:
@@ -169,7 +245,7 @@ def finish_row(row: dict, gates: dict, skip_bench: bool, original: dict | None =
 
 def build(targets: list[Target], info: ModelInfo, s: BuildSettings, progress=None) -> dict:
     """Run the build and return the results document (also written to ``s.out/results.json``)."""
-    from ..model import load_tokenizer, load_torch_model
+    from ..model import load_tokenizer
     from ..quantize import store
     from .plan import plan_recipes, run_stage, target_plan
 
@@ -179,16 +255,21 @@ def build(targets: list[Target], info: ModelInfo, s: BuildSettings, progress=Non
     t0 = time.perf_counter()
     recipes, index = plan_recipes(targets, info)
     s.log(f"canonical stage: {len(recipes)} recipe(s) for {len(targets)} target(s)")
-    run = run_stage(info, recipes, s.calibration, s.samples, s.seq_len, s.seed, progress=progress)
+    reset_peak()
+    run = run_stage(info, recipes, s.calibration, s.samples, s.seq_len, s.seed, progress=progress, device=s.device,
+                    max_memory=s.max_memory)
     s.seconds["canonical_stage"] = round(time.perf_counter() - t0, 1)
+    s.peak_rss_mb["canonical_stage"] = peak_mb()
 
     t0 = time.perf_counter()
+    reset_peak()
     base = base_logprobs_file(info, s, run.calibration.input_ids, store.default_cache_dir().parent / "base")
     chunks = np.load(base)["chunks"][:SMOKE_CHUNKS]
     s.seconds["original_logprobs"] = round(time.perf_counter() - t0, 1)
+    s.peak_rss_mb["original_logprobs"] = peak_mb()
 
     t0 = time.perf_counter()
-    ref_model = load_torch_model(info)
+    reset_peak()
     prov = {"calibration": run.calibration.record()}
     artifacts: dict[str, Path] = {}
     references: dict[str, Path] = {}
@@ -204,10 +285,18 @@ def build(targets: list[Target], info: ModelInfo, s: BuildSettings, progress=Non
             plan = target_plan(t, res) if res is not None else None
             row["plan"] = {"protected": plan["protected"], "bits_per_weight": plan["bits_per_weight"]} if plan else None
             t1 = time.perf_counter()
-            spec, artifacts[t.name] = export_target(t, info, res, plan, s.out / t.name, prov)
+            key = export_key(t, info, run.paths[index[t.name]] if t.name in index else None, plan)
+            done = finished_export(s.out / t.name, key)
+            if done is not None:
+                artifacts[t.name], references[t.name] = done
+                row["export_resumed"] = True
+                s.log(f"{t.name}: export already finished in an earlier run (same inputs) — reused")
+            else:
+                spec, artifacts[t.name] = export_target(t, info, res, plan, s.out / t.name, prov)
+                references[t.name] = canonical_reference_file(info, spec, res, chunks,
+                                                              s.out / t.name / ".work" / "canonical-reference.npz", s.device)
+                mark_export(s.out / t.name, key, artifacts[t.name], references[t.name])
             row["seconds"] = {"export": round(time.perf_counter() - t1, 2)}
-            references[t.name] = canonical_reference_file(ref_model, info, spec, res, chunks,
-                                                          s.out / t.name / ".work" / "canonical-reference.npz")
             row["artifact"] = str(artifacts[t.name])
             row["files"], row["size_bytes"] = _size(artifacts[t.name])
             row["size_mb"] = round(row["size_bytes"] / 1e6, 3)
@@ -216,8 +305,9 @@ def build(targets: list[Target], info: ModelInfo, s: BuildSettings, progress=Non
         except Exception as e:  # one target's export failure does not stop the others
             row.update(status="error", error=f"export failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
             s.log(f"export of {t.name} FAILED: {row['error']}")
-    del ref_model
     s.seconds["export"] = round(time.perf_counter() - t0, 1)
+    s.peak_rss_mb["export"] = peak_mb()
+    reset_peak()
     bos = load_tokenizer(info).bos_token_id or 0
     tok_ref = tokenizer_reference_file(info, s, store.default_cache_dir().parent / "base")
 
@@ -240,13 +330,14 @@ def build(targets: list[Target], info: ModelInfo, s: BuildSettings, progress=Non
         finish_row(row, t.gates, s.skip_bench, original)
         s.log(f"{t.name}: {'PASSED' if row['passed'] else 'FAILED'}" + (f" ({row['error']})" if row.get("error") else ""))
     s.seconds["targets"] = round(time.perf_counter() - t0, 1)
+    s.peak_rss_mb["targets"] = peak_mb()  # this process while the workers ran (each worker's own: its row)
     s.seconds["total"] = round(time.perf_counter() - t_all, 1)
     doc = {
         "schema": SCHEMA, "model": {"path": str(info.path), "architecture": info.architecture, "n_params": info.n_params,
                                     "weights_sha256": info.weights_sha256},
         "calibration": run.calibration.record(), "eval": {"text": str(s.eval_text), "n_ctx": s.n_ctx, "chunks": s.eval_chunks,
                                                           "threads": s.threads, "skip_bench": s.skip_bench},
-        "environment": environment(), "seconds": s.seconds, "original": original,
+        "environment": environment(), "seconds": s.seconds, "peak_rss_mb": s.peak_rss_mb, "original": original,
         "targets": [rows[t.name] for t in targets], "passed": all(rows[t.name]["passed"] for t in targets),
     }
     write_json_atomic(s.out / "results.json", doc)

@@ -76,37 +76,67 @@ class CanonicalRun:
 
 def run_stage(info: ModelInfo, recipes: list[Recipe], calibration: str | None, samples: int, seq_len: int,
               seed: int, sequential: bool = True, cache_dir: Path | None = None,
-              progress: Callable[[str, int, int], None] | None = None) -> CanonicalRun:
-    """Solve every recipe in one pass, reusing cached results; the first recipe is the chain."""
+              progress: Callable[[str, int, int], None] | None = None, device: str | None = "auto",
+              max_memory: int | None = None) -> CanonicalRun:
+    """Solve every recipe in one streamed pass (one decoder layer in memory at a time), reusing cached results; the
+    first recipe is the chain. ``max_memory``: bytes the pass may use (default: half of the available memory); the
+    activations between layers spill to disk beyond what is left of it after one layer's working set."""
     import torch
+
+    from ..exporters.state import TensorStore
+    from ..model.stream import LayerStream, device_of, dtype_of, skeleton
+    from ..quantize.stage import Streaming
 
     cache_dir = cache_dir or store.default_cache_dir()
     tok = load_tokenizer(info)
     calib = build_calibration(tok, calibration, samples, seq_len, seed,
                               max_positions=info.config.get("max_position_embeddings"))
     settings = StageSettings(recipes=list(recipes), sequential=sequential)
-    keys = [store.cache_key(info.weights_sha256, calib.sha256, r, recipes[0], sequential, settings.sample_tokens)
-            for r in recipes]
+    act_dtype = dtype_of(info)  # hidden states between layers: the checkpoint's dtype (README "Memory")
+    keys = [store.cache_key(info.weights_sha256, calib.sha256, r, recipes[0], sequential, settings.sample_tokens,
+                            str(act_dtype).removeprefix("torch.")) for r in recipes]
     paths = [cache_dir / k for k in keys]
-    hits = [(p / store.TENSORS).is_file() and (p / store.META).is_file() for p in paths]
+    hits = [store.is_complete(p) for p in paths]
     counter: dict = {}
-    if all(hits):
-        results = [store.load(p)[0] for p in paths]
-    else:
+    if not all(hits):
         torch.manual_seed(seed)
-        model = load_torch_model(info)
+        dev = device_of(device)
         # the partial directory is keyed by every result of the pass: a resumed run must be the same pass
-        ckpt = store.LayerCheckpoint(cache_dir / f"partial-{store.sha_of(keys)}")
-        results = run_canonical(model, calib.input_ids, settings, progress=progress, counter=counter, checkpoint=ckpt)
-        for res in results:
-            if res.recipe.sensitivity:
-                res.info["sensitivity"] = measure_sensitivity(model, res, calib.input_ids[:8])
+        ckpt = store.LayerCheckpoint(cache_dir / f"partial-{store.sha_of(keys)}", offload=True)
+        model = skeleton(info)
+        sm = Streaming(LayerStream(model, TensorStore(info), dev), dev, act_dtype,
+                       activation_budget(info, max_memory), ckpt.root / "spill", offload=True)
+        solved = run_canonical(model, calib.input_ids, settings, progress=progress, counter=counter, checkpoint=ckpt,
+                               streaming=sm)
+        counter["activation_budget_bytes"] = sm.act_budget
         prov = {"model": str(info.path), "model_sha256": info.weights_sha256, "calibration": calib.record()}
-        for res, p, hit in zip(results, paths, hits, strict=True):
+        for ri, (res, p, hit) in enumerate(zip(solved, paths, hits, strict=True)):
             if not hit:
-                store.save(res, p, prov)
+                store.save(res, p, prov, layer_files=ckpt.layer_files(ri, info.n_layers))
         ckpt.clear()
+    results = [store.load(p)[0] for p in paths]
+    need = [(res, p) for res, p in zip(results, paths, strict=True)
+            if res.recipe.sensitivity and "sensitivity" not in res.info]
+    if need:  # mixed precision: measured on the whole model (not streamed; see README "Memory")
+        model = load_torch_model(info)
+        for res, p in need:
+            res.info["sensitivity"] = measure_sensitivity(model, res, calib.input_ids[:8])
+            store.update_info(p, res.info)
     return CanonicalRun(results, paths, calib, hits, counter)
+
+
+def activation_budget(info: ModelInfo, max_memory: int | None) -> int:
+    """Bytes of RAM the activations between layers may take: the memory allowance (default: half of what is available)
+    minus what the process already holds and one layer's working set (the fp32 layer, its transformed and quantized
+    copies, and the Hessians of its widest input). Never below 64 MB: the rest spills to disk."""
+    from ..model.stream import describe
+    from ..quantize.activations import available_memory
+    from .rss import current_rss
+
+    allowance = max_memory if max_memory is not None else available_memory() // 2
+    d = describe(info)
+    working = 3 * d["layer_fp32_bytes"] + 3 * 8 * d["widest_input"] ** 2
+    return max(64 << 20, allowance - current_rss() - working)
 
 
 def measure_sensitivity(model, res: CanonicalModel, ids) -> dict[str, dict[str, float]]:

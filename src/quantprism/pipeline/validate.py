@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import sys
 import time
@@ -73,6 +74,18 @@ def tokenizer_parity(sess, spec: dict) -> dict:
     return session_parity(sess, ref, spec["tokenizer_parity"])
 
 
+class Events:
+    """Progress for the runner (one JSON line per step, appended to ``spec["events"]``): it draws the target's bar."""
+
+    def __init__(self, path: str | None, total: int):
+        self.path, self.total = path, total
+
+    def __call__(self, step: str) -> None:
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "total": self.total}) + "\n")
+
+
 def run(spec: dict) -> dict:
     from ..evaluate.compare import compare
     from ..evaluate.slices import slice_summaries
@@ -80,9 +93,12 @@ def run(spec: dict) -> dict:
     from ..runtimes.latency import measure
 
     secs: dict[str, float] = {}
+    base, chunks, masks = load_base(Path(spec["base"]))
+    event = Events(spec.get("events"), 2 + len(chunks) + (0 if spec["skip_bench"] else 1))
     t0 = time.perf_counter()
     sess = open_runtime(spec["runtime"], Path(spec["artifact"]), spec["threads"], n_ctx=spec["n_ctx"] + 64)
     secs["open"] = round(time.perf_counter() - t0, 2)
+    event("runtime loaded")
     out: dict = {"kernel": sess.kernel, "threads": sess.threads}
     try:
         if os.environ.get("QUANTPRISM_TEST_KILL_TARGET") == spec["name"]:
@@ -101,9 +117,15 @@ def run(spec: dict) -> dict:
         t0 = time.perf_counter()
         out["smoke"] = smoke(sess, spec, logits_fn)
         secs["smoke"] = round(time.perf_counter() - t0, 2)
+        event("smoke")
         t0 = time.perf_counter()
-        base, chunks, masks = load_base(Path(spec["base"]))
-        summary, scores = compare(chunks, base, logits_fn)
+
+        def scored_fn(chunk: np.ndarray) -> np.ndarray:
+            lg = logits_fn(chunk)
+            event("quality chunk")
+            return lg
+
+        summary, scores = compare(chunks, base, scored_fn)
         # no NaN/Inf in any logit row, over the smoke and the quality chunks
         out["smoke"]["checks"]["finite_logits"] = nonfinite["rows"] == 0
         out["smoke"]["details"]["nonfinite_rows"] = nonfinite["rows"]
@@ -120,6 +142,7 @@ def run(spec: dict) -> dict:
                                                  "peak_rss_mb", "threads", "prompt_tokens", "decode_tokens", "repeats")}
             out["latency"]["comparable"] = sess.kernel == "native"
             secs["latency"] = round(time.perf_counter() - t0, 2)
+            event("latency")
     finally:
         sess.close()
     out["seconds"] = secs
@@ -134,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = run(spec)
         res["status"] = "ok"
+        res["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # the runtime's own
     except Exception as e:  # reported in results.json as this target's failure
         res = {"status": "error", "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
     write_json_atomic(Path(spec["out"]), res)

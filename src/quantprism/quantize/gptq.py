@@ -10,7 +10,7 @@ is what runtimes that ignore ``g_idx`` (vLLM) compute.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 
 import torch
 
@@ -45,8 +45,13 @@ def _threads(n: int) -> Iterator[None]:
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.01, clip: bool = True,
-                  act_order: bool = False, block: int = 128) -> QuantizedTensor:
-    """Quantize W [N, K] on ``grid`` minimising the proxy ‖(W − Q)X‖² with H = 2XᵀX/n."""
+                  act_order: bool = False, block: int = 128, factors: dict | None = None,
+                  hessian_key: Hashable = None) -> QuantizedTensor:
+    """Quantize W [N, K] on ``grid`` minimising the proxy ‖(W − Q)X‖² with H = 2XᵀX/n.
+
+    ``factors`` (with ``hessian_key`` naming H): a cache of the inverse-Hessian factor, which depends only on H, the
+    column order and the damping — linears that share an input (q/k/v, gate/up) and every grid of one order reuse it.
+    """
     W = W.detach().float().clone()
     N, K = W.shape
     H = H.detach().float().clone()
@@ -63,8 +68,13 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
         for g in range(n_groups):  # static groups: fit on the original weights
             groups[g] = grid.fit(W[:, g * gc : (g + 1) * gc], importance[g * gc : (g + 1) * gc], clip)
         perm = torch.argsort(torch.diag(H), descending=True)
-    Wp, Hp = W[:, perm], H[perm][:, perm]
-    U = inverse_hessian_cholesky(Hp, damp)
+    Wp = W[:, perm]
+    key = (hessian_key, act_order, damp) if factors is not None and hessian_key is not None else None
+    U = factors.get(key) if key is not None else None
+    if U is None:
+        U = inverse_hessian_cholesky(H[perm][:, perm], damp)
+        if key is not None:
+            factors[key] = U
 
     B = gc * max(1, block // gc) if gc <= max(block, 256) else block
     if gc > B and not act_order:  # per-channel (or huge groups): fit once on the whole row range
@@ -79,6 +89,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
 def _sweep(W: torch.Tensor, U: torch.Tensor, Q: torch.Tensor, groups: list, grid: Grid,
            importance: torch.Tensor, perm: torch.Tensor, gc: int, B: int, clip: bool) -> None:
     K = W.shape[1]
+    outer = torch.empty(W.shape[0], B)  # the rank-1 update's product, reused: no allocation per column
     for i1 in range(0, K, B):
         i2 = min(i1 + B, K)
         W1 = W[:, i1:i2].clone()
@@ -94,6 +105,8 @@ def _sweep(W: torch.Tensor, U: torch.Tensor, Q: torch.Tensor, groups: list, grid
             q = grid.quant_col(w, p, j)
             Q[:, i1 + i] = q
             err = (w - grid.dequant_col(q, p, j)) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            t = outer[:, : i2 - i1 - i]
+            torch.mul(err[:, None], U1[i, i:][None, :], out=t)  # the same products and subtraction as W1 -= err·u
+            W1[:, i:].sub_(t)
             E1[:, i] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]

@@ -10,19 +10,24 @@ targets. Only one layer's activations are held at a time.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
+from .. import progress as pbar
 from ..errors import QuantprismError
 from ..model.archs import ARCHS, LLAMA
+from ..model.stream import LayerStream, capture_layer0_inputs, layer_forward, to_device
+from .activations import Activations
 from .gptq import gptq_quantize
 from .grids import IntGrid, QuantizedTensor, grid_from_id
 from .stats import attach_collectors
@@ -72,6 +77,13 @@ class CanonicalModel:
     imatrix: dict[str, torch.Tensor] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 
+    def drop_layer(self, prefix: str) -> None:
+        """Forget one finished layer's tensors (the checkpoint holds them)."""
+        p = prefix + "."
+        for d in (self.fp, self.quant, self.imatrix):
+            for k in [k for k in d if k.startswith(p)]:
+                del d[k]
+
 
 @dataclass
 class StageSettings:
@@ -80,42 +92,6 @@ class StageSettings:
     chain: int = 0
     batch: int = 8
     sample_tokens: int = 4096
-
-
-def _capture_layer0_inputs(model, input_ids: torch.Tensor, batch: int) -> tuple[list[torch.Tensor], list[dict]]:
-    """Hidden states entering layer 0 and the kwargs the model passes to its layers (mask, RoPE)."""
-
-    class _Stop(Exception):
-        pass
-
-    layers = model.model.layers
-    hs: list[torch.Tensor] = []
-    kws: list[dict] = []
-
-    def hook(_m, args, kwargs):
-        hs.append((args[0] if args else kwargs["hidden_states"]).detach().float())
-        kws.append({k: v for k, v in kwargs.items() if k in ("attention_mask", "position_embeddings", "position_ids")})
-        raise _Stop
-
-    h = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for b0 in range(0, input_ids.shape[0], batch):
-            try:
-                model.model(input_ids=input_ids[b0 : b0 + batch], use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        h.remove()
-    return hs, kws
-
-
-def _layer_forward(layer, hs: list[torch.Tensor], kws: list[dict], counter: dict) -> list[torch.Tensor]:
-    counter["layer_forwards"] = counter.get("layer_forwards", 0) + 1
-    out = []
-    for h, kw in zip(hs, kws, strict=True):
-        r = layer(h, **kw)
-        out.append((r[0] if isinstance(r, tuple) else r).detach())
-    return out
 
 
 def fits(gid: str, k: int) -> bool:
@@ -128,14 +104,16 @@ def first_fitting(grids: tuple[str, ...], k: int) -> str | None:
     return next((g for g in grids if fits(g, k)), None)
 
 
-def _solve(W: torch.Tensor, H: torch.Tensor, imp: torch.Tensor, gid: str, r: Recipe) -> QuantizedTensor:
+def _solve(W: torch.Tensor, H: torch.Tensor, imp: torch.Tensor, gid: str, r: Recipe, factors: dict | None = None,
+           hessian_key=None) -> QuantizedTensor:
     grid = grid_from_id(gid)
     if r.method == "rtn":
         return grid.rtn(W, imp, clip=r.clip)
     # k-quant super-blocks are fitted on the error-updated weights (natural order, DESIGN); int grids
     # use static-group act-order, which measured best (benchmarks/canonical_quality.py)
     act_order = r.act_order and isinstance(grid, IntGrid)
-    return gptq_quantize(W, H, grid, damp=r.damp, clip=r.clip, act_order=act_order)
+    return gptq_quantize(W, H, grid, damp=r.damp, clip=r.clip, act_order=act_order, factors=factors,
+                         hessian_key=hessian_key)
 
 
 class Checkpoint(Protocol):
@@ -145,97 +123,78 @@ class Checkpoint(Protocol):
     def save(self, layer: int, results: list[CanonicalModel], hs: list[torch.Tensor]) -> None: ...
 
 
+@dataclass
+class Streaming:
+    """How the pass holds the model: ``stream`` materialises one layer at a time (None: the model is in memory);
+    activations between layers in ``act_dtype``, in RAM up to ``act_budget`` bytes (None: no bound), beyond it in a
+    memory-mapped file under ``spill_dir``; layers and activations are computed on ``device``; ``offload`` drops each
+    finished layer's results from memory once the checkpoint holds them."""
+
+    stream: LayerStream | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    act_dtype: torch.dtype = torch.float32
+    act_budget: int | None = None
+    spill_dir: Path | None = None
+    offload: bool = False
+
+
 def run_canonical(model, input_ids: np.ndarray | torch.Tensor, settings: StageSettings,
                   progress: Callable[[str, int, int], None] | None = None,
-                  counter: dict | None = None, checkpoint: Checkpoint | None = None) -> list[CanonicalModel]:
-    """Run the pass over ``model`` (transformers CausalLM, fp32, eval). Returns one result per recipe."""
+                  counter: dict | None = None, checkpoint: Checkpoint | None = None,
+                  streaming: Streaming | None = None) -> list[CanonicalModel]:
+    """Run the pass over ``model`` (transformers CausalLM, eval; fp32 in memory, or a skeleton with
+    ``streaming.stream``). Returns one result per recipe."""
     t0 = time.time()
+    sm = streaming or Streaming()
+    dev = sm.device
     counter = counter if counter is not None else {}
     ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
     if ids.ndim != 2 or ids.shape[0] == 0:
         raise QuantprismError("calibration batch is empty; give at least one sample")
+    if sm.offload and checkpoint is None:
+        raise QuantprismError("offloading finished layers needs a checkpoint to hold them")
     results = [CanonicalModel(r, info={"layers": []}) for r in settings.recipes]
     arch = ARCHS.get(next(iter(getattr(model.config, "architectures", None) or []), type(model).__name__), LLAMA)
-    groups = arch.input_groups
-    linear_to_group = arch.linear_to_group
     layers = model.model.layers
     n_layers = len(layers)
     start = 0
-    with torch.inference_mode():
-        hs, kws = _capture_layer0_inputs(model, ids, settings.batch)
+
+    def new_acts() -> Activations:
+        half = None if sm.act_budget is None else sm.act_budget // 2  # inputs and outputs of a layer
+        return Activations(sm.act_dtype, half, sm.spill_dir)
+
+    def materialise(module, prefix):
+        return sm.stream.loaded(module, prefix) if sm.stream else contextlib.nullcontext(module)
+
+    hs = new_acts()
+    with torch.inference_mode(), pbar.task("canonical pass", total=n_layers, unit="layer") as bar:
+        with materialise(model.model.embed_tokens, "model.embed_tokens"):
+            kws = [to_device(kw, dev) for kw in capture_layer0_inputs(model, ids, settings.batch, hs)]
         resumed = checkpoint.load(settings.recipes) if checkpoint else None
         if resumed is not None:
-            done, results, hs = resumed
+            done, results, saved = resumed
+            hs.close()
+            hs = new_acts()
+            for h in saved:
+                hs.append(h)
+            del saved
             start = done + 1
             counter["resumed_from_layer"] = done  # layers ≤ done are never run again: the stream carries them
+            bar.advance(start, note=f"resumed after layer {done}")
         for li in range(start, n_layers):
-            layer = layers[li]
+            t_layer = time.time()
             prefix = f"model.layers.{li}"
-            stats, handles = attach_collectors(layer, settings.sample_tokens, groups)
-            try:
-                fp_out = _layer_forward(layer, hs, kws, counter)
-            finally:
-                for h in handles:
-                    h.remove()
-            chain_layer = None
-            for ri, (r, res) in enumerate(zip(settings.recipes, results, strict=True)):
-                work = copy.deepcopy(layer) if r.transform != "none" else layer
-                scales: dict[str, torch.Tensor] = {}
-                linfo: dict = {"layer": li}
-                if r.transform != "none":
-                    for group, st in stats.items():
-                        if not foldable(work, group, arch):
-                            continue
-                        if r.transform == "awq":
-                            k = work.get_submodule(groups[group][0]).weight.shape[1]
-                            fit_ids = ((r.awq_grid,) if r.awq_grid else ()) + r.grids
-                            agrid = grid_from_id(first_fitting(fit_ids, k) or fit_ids[0])
-                            solver = None
-                            if r.method == "gptq":
-                                def solver(w, H, agrid=agrid, r=r):
-                                    return torch.from_numpy(_solve(w, H, None, agrid.id, r).dequantize())
-                            s, ai = awq_search(work, group, st, agrid, n_grid=10 if solver else 20, solver=solver,
-                                               arch=arch)
-                            linfo[f"awq_{group}"] = ai
-                        else:
-                            if group not in ("attn_in", "mlp_in"):
-                                continue  # SmoothQuant: the norm-fed inputs carry the outliers
-                            s = smoothquant_scales(work, group, st, r.sq_alpha, arch)
-                        apply_scales(work, group, s, arch)
-                        scales[group] = s
-                    for name, t in work.state_dict().items():
-                        res.fp[f"{prefix}.{name}"] = t.detach().float().clone()
-                for lin, group in linear_to_group.items():
-                    st = stats[group]
-                    H, imp = st.hessian, st.imatrix
-                    if group in scales:
-                        H = scaled_hessian(H, scales[group])
-                        imp = imp / scales[group].float() ** 2
-                    W = work.get_submodule(lin).weight.detach().float()
-                    mod = f"{prefix}.{lin}"
-                    res.imatrix[mod] = imp.clone()
-                    res.quant[mod] = {gid: _solve(W, H, imp, gid, r) for gid in r.grids if fits(gid, W.shape[1])}
-                    if progress:
-                        progress(mod, li, n_layers)
-                res.info["layers"].append(linfo)
-                if ri == settings.chain:
-                    chain_layer = work
-            if settings.sequential:
-                # the chain recipe's quantized layer produces the next layer's inputs
-                q_layer = copy.deepcopy(chain_layer)
-                cres = results[settings.chain]
-                for lin in linear_to_group:
-                    solved = cres.quant[f"{prefix}.{lin}"]
-                    qt = solved[next(g for g in cres.recipe.grids if g in solved)]  # the main grid where it fits
-                    q_layer.get_submodule(lin).weight.copy_(torch.from_numpy(qt.dequantize()))
-                hs = _layer_forward(q_layer, hs, kws, counter)
-                del q_layer
-            else:
-                hs = fp_out
-            del stats, fp_out
+            with materialise(layers[li], prefix) as layer:
+                hs = _solve_layer(layer, li, prefix, hs, kws, settings, results, arch, counter, dev, new_acts,
+                                  progress, n_layers)
             if checkpoint:
                 checkpoint.save(li, results, hs)
-        _solve_head_and_embeddings(model, hs, results)
+                if sm.offload:
+                    for res in results:
+                        res.drop_layer(prefix)
+            bar.advance(1, note=f"layer {li + 1}/{n_layers}: {time.time() - t_layer:.1f} s")
+        _solve_head_and_embeddings(model, hs, results, sm)
+        hs.close()
     for res in results:
         res.info["seconds"] = round(time.time() - t0, 2)
         res.info["sequential"] = settings.sequential
@@ -244,28 +203,118 @@ def run_canonical(model, input_ids: np.ndarray | torch.Tensor, settings: StageSe
     return results
 
 
-def _solve_head_and_embeddings(model, hs: list[torch.Tensor], results: list[CanonicalModel]) -> None:
+def _solve_layer(layer, li: int, prefix: str, hs: Activations, kws: list[dict], settings: StageSettings,
+                 results: list[CanonicalModel], arch, counter: dict, dev: torch.device, new_acts,
+                 progress, n_layers: int) -> Activations:
+    """Statistics, transforms and codes of one decoder layer for every recipe; returns the next layer's inputs."""
+    groups, linear_to_group = arch.input_groups, arch.linear_to_group
+    stats, handles = attach_collectors(layer, settings.sample_tokens, groups)
+    fp_out = None if settings.sequential else new_acts()
+    try:
+        layer_forward(layer, hs, kws, counter, dev, fp_out)
+    finally:
+        for h in handles:
+            h.remove()
+    for st in stats.values():
+        st.to_cpu()
+    cpu_layer = layer if dev.type == "cpu" else copy.deepcopy(layer).cpu()  # transforms and solvers run on the CPU
+    chain_layer = None
+    for ri, (r, res) in enumerate(zip(settings.recipes, results, strict=True)):
+        work = copy.deepcopy(cpu_layer) if r.transform != "none" else cpu_layer
+        scales: dict[str, torch.Tensor] = {}
+        linfo: dict = {"layer": li}
+        if r.transform != "none":
+            for group, st in stats.items():
+                if not foldable(work, group, arch):
+                    continue
+                if r.transform == "awq":
+                    k = work.get_submodule(groups[group][0]).weight.shape[1]
+                    fit_ids = ((r.awq_grid,) if r.awq_grid else ()) + r.grids
+                    agrid = grid_from_id(first_fitting(fit_ids, k) or fit_ids[0])
+                    solver = None
+                    if r.method == "gptq":
+                        def solver(w, H, agrid=agrid, r=r):
+                            return torch.from_numpy(_solve(w, H, None, agrid.id, r).dequantize())
+                    s, ai = awq_search(work, group, st, agrid, n_grid=10 if solver else 20, solver=solver,
+                                       arch=arch)
+                    linfo[f"awq_{group}"] = ai
+                else:
+                    if group not in ("attn_in", "mlp_in"):
+                        continue  # SmoothQuant: the norm-fed inputs carry the outliers
+                    s = smoothquant_scales(work, group, st, r.sq_alpha, arch)
+                apply_scales(work, group, s, arch)
+                scales[group] = s
+            for name, t in work.state_dict().items():
+                res.fp[f"{prefix}.{name}"] = t.detach().float().clone()
+        hessians: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        factors: dict = {}  # inverse-Hessian factors of this recipe's layer, shared by the linears of one input
+        for lin, group in linear_to_group.items():
+            if group not in hessians:
+                st = stats[group]
+                H, imp = st.hessian, st.imatrix
+                if group in scales:
+                    H = scaled_hessian(H, scales[group])
+                    imp = imp / scales[group].float() ** 2
+                hessians[group] = H, imp
+            H, imp = hessians[group]
+            W = work.get_submodule(lin).weight.detach().float()
+            mod = f"{prefix}.{lin}"
+            res.imatrix[mod] = imp.clone()
+            res.quant[mod] = {gid: _solve(W, H, imp, gid, r, factors, group) for gid in r.grids
+                              if fits(gid, W.shape[1])}
+            if progress:
+                progress(mod, li, n_layers)
+        del hessians, factors
+        res.info["layers"].append(linfo)
+        if ri == settings.chain:
+            chain_layer = work
+    del stats
+    if not settings.sequential:
+        hs.close()
+        return fp_out
+    # the chain recipe's quantized layer produces the next layer's inputs
+    q_layer = copy.deepcopy(chain_layer)
+    cres = results[settings.chain]
+    for lin in linear_to_group:
+        solved = cres.quant[f"{prefix}.{lin}"]
+        qt = solved[next(g for g in cres.recipe.grids if g in solved)]  # the main grid where it fits
+        q_layer.get_submodule(lin).weight.copy_(torch.from_numpy(qt.dequantize()))
+    out = new_acts()
+    layer_forward(q_layer.to(dev), hs, kws, counter, dev, out)
+    hs.close()
+    return out
+
+
+def _solve_head_and_embeddings(model, hs: Activations, results: list[CanonicalModel], sm: Streaming) -> None:
     """lm_head is solved from the final-norm output's Hessian; embeddings (a lookup) by RTN."""
     need_head = any(r.recipe.head_grids for r in results)
-    head = model.get_output_embeddings()
-    tied = head.weight is model.get_input_embeddings().weight
+    need_embed = any(r.recipe.embed_grids for r in results)
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight if sm.stream is None \
+        else "lm_head.weight" not in sm.stream.state
     if need_head:
         from .stats import InputStats
 
-        st = InputStats(head.in_features, sample_tokens=0)
-        for h in hs:
-            st.add(model.model.norm(h))
+        norm = model.model.norm
+        ctx = sm.stream.loaded(norm, "model.norm") if sm.stream else contextlib.nullcontext()
+        W = sm.stream.head_weight().cpu() if sm.stream else model.get_output_embeddings().weight.detach().float()
+        st = InputStats(W.shape[1], sample_tokens=0)
+        with ctx:
+            for h in hs:
+                st.add(norm(h.to(sm.device, torch.float32)))
+        st.to_cpu()
         for res in results:
             if res.recipe.head_grids:
-                W = head.weight.detach().float()
                 res.imatrix["lm_head"] = st.imatrix.clone()
                 res.quant["lm_head"] = {g: _solve(W, st.hessian, st.imatrix, g, res.recipe)
                                         for g in res.recipe.head_grids if fits(g, W.shape[1])}
-    for res in results:
-        if res.recipe.embed_grids and not tied:
-            E = model.get_input_embeddings().weight.detach().float()
-            res.quant["model.embed_tokens"] = {g: grid_from_id(g).rtn(E, None, clip=False)
-                                               for g in res.recipe.embed_grids if fits(g, E.shape[1])}
+        del W
+    if need_embed and not tied:
+        E = sm.stream.state["model.embed_tokens.weight"].float() if sm.stream else \
+            model.get_input_embeddings().weight.detach().float()
+        for res in results:
+            if res.recipe.embed_grids:
+                res.quant["model.embed_tokens"] = {g: grid_from_id(g).rtn(E, None, clip=False)
+                                                   for g in res.recipe.embed_grids if fits(g, E.shape[1])}
 
 
-__all__ = ["CanonicalModel", "Checkpoint", "Recipe", "StageSettings", "run_canonical"]
+__all__ = ["CanonicalModel", "Checkpoint", "Recipe", "StageSettings", "Streaming", "run_canonical"]

@@ -33,6 +33,8 @@ class InputStats:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
+        if self.xtx.device != x.device:  # accumulate where the layer runs (a GPU with --device cuda)
+            self.xtx, self.absmax = self.xtx.to(x.device), self.absmax.to(x.device)
         self.xtx += (x.T @ x).double()  # fp32 per batch, fp64 across batches
         self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
         self.n += x.shape[0]
@@ -40,8 +42,13 @@ class InputStats:
             # an evenly spaced token subset of every batch keeps the sample representative
             take = min(self.sample_tokens - self._kept, max(1, x.shape[0] // 8))
             idx = torch.linspace(0, x.shape[0] - 1, take).long()
-            self.sample.append(x[idx].clone())
+            self.sample.append(x[idx.to(x.device)].cpu())
             self._kept += take
+
+    def to_cpu(self) -> InputStats:
+        """After the layer's forward: the solvers and transforms run on the CPU."""
+        self.xtx, self.absmax = self.xtx.cpu(), self.absmax.cpu()
+        return self
 
     @property
     def hessian(self) -> torch.Tensor:

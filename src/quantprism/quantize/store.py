@@ -1,7 +1,9 @@
 """CanonicalModel on disk: one safetensors file + one JSON, in a content-addressed cache.
 
 Tensor names: ``q/<module>/<grid id>/<field>`` for codes and grid parameters, ``fp/<name>`` for
-transformed fp tensors, ``imatrix/<module>`` for the importance vectors. The cache key hashes
+transformed fp tensors, ``imatrix/<module>`` for the importance vectors. A streamed pass writes one file per decoder
+layer (hard-linked from its checkpoint) plus ``head.safetensors``; ``canonical.json`` lists the files. Loading is lazy:
+a tensor is read when asked for, so exporters hold one module at a time. The cache key hashes
 the model's weights sha256, the calibration set's sha256, the recipe, the chain recipe and the
 pass settings — anything that can change a code. Directories are written under a temp name and
 renamed, so a crashed run never leaves a half-written result that a later run would trust.
@@ -13,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +24,12 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..errors import ArtifactError
+from ..model.st_read import read_index, read_tensor
 from .grids import QuantizedTensor
 from .stage import CanonicalModel, Recipe
 
-TENSORS = "canonical.safetensors"
+TENSORS = "canonical.safetensors"  # the whole result in one file (an in-memory pass)
+HEAD = "head.safetensors"  # a streamed pass: what is not in the per-layer files (lm_head, embeddings)
 META = "canonical.json"
 
 
@@ -32,10 +37,12 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("QUANTPRISM_CACHE", Path.home() / ".cache" / "quantprism")) / "canonical"
 
 
-def cache_key(model_sha: str, calib_sha: str, recipe: Recipe, chain: Recipe, sequential: bool, sample_tokens: int) -> str:
+def cache_key(model_sha: str, calib_sha: str, recipe: Recipe, chain: Recipe, sequential: bool, sample_tokens: int,
+              activations: str = "float32") -> str:
+    """``activations``: the dtype the hidden states are kept in between layers (it moves codes, so it is keyed)."""
     blob = json.dumps({
         "v": __version__, "model": model_sha, "calib": calib_sha, "recipe": recipe.key(), "chain": chain.key(),
-        "sequential": sequential, "sample_tokens": sample_tokens,
+        "sequential": sequential, "sample_tokens": sample_tokens, "activations": activations,
     }, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
 
@@ -76,14 +83,26 @@ def from_tensors(recipe: Recipe, tensors: dict[str, torch.Tensor], info: dict) -
     return res
 
 
-def save(res: CanonicalModel, dest: Path, provenance: dict) -> Path:
+def save(res: CanonicalModel, dest: Path, provenance: dict, layer_files: list[Path] | None = None) -> Path:
+    """Write ``res`` to ``dest`` atomically. ``layer_files``: per-layer safetensors already on disk (a streamed pass's
+    checkpoint) that hold the layers ``res`` no longer has in memory; they are hard-linked in, never re-read."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
-        save_file(to_tensors(res), str(tmp / TENSORS), metadata={"format": "quantprism-canonical"})
+        files = []
+        for i, f in enumerate(layer_files or []):
+            name = f"layer_{i:03d}.safetensors"
+            _link_or_copy(Path(f), tmp / name)
+            files.append(name)
+        if layer_files is None:
+            save_file(to_tensors(res), str(tmp / TENSORS), metadata={"format": "quantprism-canonical"})
+            files.append(TENSORS)
+        else:
+            save_file(to_tensors(res), str(tmp / HEAD), metadata={"format": "quantprism-canonical"})
+            files.append(HEAD)
         meta = {"recipe": res.recipe.__dict__ | {"grids": list(res.recipe.grids)}, "info": res.info,
-                "provenance": provenance, "quantprism": __version__}
+                "provenance": provenance, "quantprism": __version__, "files": files}
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=list) + "\n")
         if dest.exists():
             shutil.rmtree(dest)
@@ -94,78 +113,192 @@ def save(res: CanonicalModel, dest: Path, provenance: dict) -> Path:
     return dest
 
 
-def load(path: Path) -> tuple[CanonicalModel, dict]:
+def update_info(path: Path, info: dict) -> None:
+    """Rewrite a stored result's ``info`` (e.g. measured sensitivity added after the pass), atomically."""
+    meta = json.loads((Path(path) / META).read_text())
+    meta["info"] = info
+    _write_text_atomic(Path(path) / META, json.dumps(meta, indent=2, sort_keys=True, default=list) + "\n")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem
+        shutil.copyfile(src, dst)
+
+
+def is_complete(path: Path) -> bool:
+    """A finished result: its JSON and every file the JSON lists."""
     path = Path(path)
-    if not (path / TENSORS).is_file() or not (path / META).is_file():
-        raise ArtifactError(f"{path}: not a canonical result (needs {TENSORS} and {META}); run `quantprism quantize`")
+    if not (path / META).is_file():
+        return False
+    try:
+        files = json.loads((path / META).read_text()).get("files") or [TENSORS]
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return all((path / f).is_file() for f in files)
+
+
+def load(path: Path) -> tuple[CanonicalModel, dict]:
+    """The result at ``path``, read lazily: tensors and codes are read from disk when accessed, not kept."""
+    path = Path(path)
+    if not (path / META).is_file():
+        raise ArtifactError(f"{path}: not a canonical result (needs {META} and the files it lists); run `quantprism quantize`")
     try:
         meta = json.loads((path / META).read_text())
-        tensors = load_file(str(path / TENSORS))
+        missing = [f for f in meta.get("files") or [TENSORS] if not (path / f).is_file()]
+        if missing:
+            raise ArtifactError(f"{path}: incomplete canonical result ({missing[0]} is missing); delete it and re-run")
+        index = {}
+        for f in meta.get("files") or [TENSORS]:
+            entries, _ = read_index(path / f)
+            index.update({k: path / f for k in entries})
+    except ArtifactError:
+        raise
     except Exception as e:  # corrupt JSON or safetensors: one actionable line
         raise ArtifactError(f"{path}: corrupt canonical result ({type(e).__name__}); delete it and re-run") from None
     r = meta["recipe"]
     recipe = Recipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in r.items()})
-    return from_tensors(recipe, tensors, meta["info"]), meta.get("provenance", {})
+    res = CanonicalModel(recipe, info=meta["info"])
+    fp, imat, quant = {}, {}, {}
+    for key, f in index.items():
+        kind, rest = key.split("/", 1)
+        if kind == "fp":
+            fp[rest] = (f, key)
+        elif kind == "imatrix":
+            imat[rest] = (f, key)
+        elif kind == "q":
+            mod, gid, fld = rest.rsplit("/", 2)
+            quant.setdefault(mod, {}).setdefault(gid, {})[fld] = (f, key)
+    def grids_of(grids: dict) -> _Lazy:
+        return _Lazy({gid: (gid, fields) for gid, fields in grids.items()}, lambda gf: _read_quantized(*gf))
+
+    res.fp, res.imatrix = _Lazy(fp, lambda fk: read_tensor(*fk)), _Lazy(imat, lambda fk: read_tensor(*fk))  # type: ignore[assignment]
+    res.quant = _Lazy(quant, grids_of)  # type: ignore[assignment]
+    return res, meta.get("provenance", {})
+
+
+class _Lazy(Mapping):
+    """A read-only mapping whose values are read from disk on access (``read(where[key])``), never kept."""
+
+    def __init__(self, where: dict, read: Callable):
+        self.where, self.read = where, read
+
+    def __getitem__(self, key: str):
+        return self.read(self.where[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.where
+
+
+def _read_quantized(gid: str, fields: dict[str, tuple[Path, str]]) -> QuantizedTensor:
+    qt = QuantizedTensor(gid, read_tensor(*fields["codes"]).numpy())
+    qt.params = {k: read_tensor(*v).numpy() for k, v in fields.items() if k != "codes"}
+    return qt
 
 
 class LayerCheckpoint:
-    """Implements stage.Checkpoint: ``layer_NNN.safetensors`` per finished layer plus the latest stream.
+    """Implements stage.Checkpoint: ``layer_NNN.rR.safetensors`` per finished layer and recipe, plus the latest
+    activations (``stream-NNN.bin`` + ``.json``).
 
-    Files are written atomically; a partial layer (killed mid-write) is simply not there, so the
-    pass redoes that layer. The directory is removed once the final results are saved.
+    Files are written atomically (the JSON of a stream last); a partial layer (killed mid-write) is simply not there,
+    so the pass redoes that layer. With ``offload`` the finished layers stay on disk only: a resumed pass does not read
+    them back, and the final results hard-link them. The directory is removed once the final results are saved.
     """
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, offload: bool = False):
         self.root = Path(root)
+        self.offload = offload
 
-    def _layer(self, li: int) -> Path:
-        return self.root / f"layer_{li:03d}.safetensors"
+    def layer_file(self, li: int, ri: int) -> Path:
+        return self.root / f"layer_{li:03d}.r{ri}.safetensors"
 
-    def save(self, layer: int, results: list[CanonicalModel], hs: list[torch.Tensor]) -> None:
+    def save(self, layer: int, results: list[CanonicalModel], hs) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         prefix = f"model.layers.{layer}."
-        tensors: dict[str, torch.Tensor] = {}
         for ri, res in enumerate(results):
             part = CanonicalModel(res.recipe)
             part.quant = {m: g for m, g in res.quant.items() if m.startswith(prefix)}
             part.fp = {k: v for k, v in res.fp.items() if k.startswith(prefix)}
             part.imatrix = {k: v for k, v in res.imatrix.items() if k.startswith(prefix)}
-            for k, v in to_tensors(part).items():
-                tensors[f"r{ri}|{k}"] = v
-        infos = json.dumps([res.info["layers"][-1] for res in results])
-        _save_atomic(tensors, self._layer(layer), {"infos": infos})
-        _save_atomic({f"h{i}": h.contiguous() for i, h in enumerate(hs)}, self.root / "stream.safetensors",
-                     {"layer": str(layer)})
+            _save_atomic(to_tensors(part), self.layer_file(layer, ri), {"info": json.dumps(res.info["layers"][-1])})
+        self._save_stream(layer, hs)
 
-    def load(self, recipes: list[Recipe]) -> tuple[int, list[CanonicalModel], list[torch.Tensor]] | None:
-        stream = self.root / "stream.safetensors"
-        if not stream.is_file():
+    def _save_stream(self, layer: int, hs) -> None:
+        shapes, dtype = [], None
+        fd, tmp = tempfile.mkstemp(prefix=".stream.", suffix=".tmp", dir=self.root)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for h in hs:  # one batch at a time (activations may live on disk)
+                    h = h.contiguous()
+                    dtype = str(h.dtype).removeprefix("torch.")
+                    shapes.append(list(h.shape))
+                    f.write(h.view(-1).view(torch.uint8).numpy().tobytes())
+            os.replace(tmp, self.root / f"stream-{layer:03d}.bin")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        _write_text_atomic(self.root / f"stream-{layer:03d}.json", json.dumps({"dtype": dtype, "shapes": shapes}))
+        for old in self.root.glob("stream-*.*"):
+            if not old.name.startswith(f"stream-{layer:03d}."):
+                old.unlink(missing_ok=True)
+
+    def load(self, recipes: list[Recipe]) -> tuple[int, list[CanonicalModel], Iterator[torch.Tensor]] | None:
+        streams = sorted(self.root.glob("stream-*.json")) if self.root.is_dir() else []
+        streams = [s for s in streams if s.with_suffix(".bin").is_file()]
+        if not streams:
             return None
-        from safetensors import safe_open
-
-        with safe_open(str(stream), "pt") as f:
-            done = int(f.metadata()["layer"])
-            hs = [f.get_tensor(f"h{i}") for i in range(len(list(f.keys())))]
-        if not all(self._layer(li).is_file() for li in range(done + 1)):
+        done = int(streams[-1].stem.split("-")[1])
+        if not all(self.layer_file(li, ri).is_file() for li in range(done + 1) for ri in range(len(recipes))):
             return None
         results = [CanonicalModel(r, info={"layers": []}) for r in recipes]
         for li in range(done + 1):
-            with safe_open(str(self._layer(li)), "pt") as f:
-                infos = json.loads(f.metadata()["infos"])
-                per: dict[int, dict[str, torch.Tensor]] = {}
-                for key in f.keys():
-                    ri, name = key.split("|", 1)
-                    per.setdefault(int(ri[1:]), {})[name] = f.get_tensor(key)
             for ri, res in enumerate(results):
-                part = from_tensors(res.recipe, per.get(ri, {}), {})
-                res.quant.update(part.quant)
-                res.fp.update(part.fp)
-                res.imatrix.update(part.imatrix)
-                res.info["layers"].append(infos[ri])
-        return done, results, hs
+                f = self.layer_file(li, ri)
+                _, meta = read_index(f)
+                res.info["layers"].append(json.loads(meta["info"]))
+                if not self.offload:
+                    part = from_tensors(res.recipe, load_file(str(f)), {})
+                    res.quant.update(part.quant)
+                    res.fp.update(part.fp)
+                    res.imatrix.update(part.imatrix)
+        return done, results, self._read_stream(streams[-1])
+
+    def _read_stream(self, meta_path: Path) -> Iterator[torch.Tensor]:
+        meta = json.loads(meta_path.read_text())
+        dtype = getattr(torch, meta["dtype"])
+        size = torch.empty((), dtype=dtype).element_size()
+        off = 0
+        with open(meta_path.with_suffix(".bin"), "rb") as f:
+            for shape in meta["shapes"]:
+                n = size * int(np.prod(shape))
+                f.seek(off)
+                buf = bytearray(f.read(n))
+                off += n
+                yield torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    def layer_files(self, ri: int, n_layers: int) -> list[Path]:
+        return [self.layer_file(li, ri) for li in range(n_layers)]
 
     def clear(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _write_text_atomic(dest: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], dest: Path, metadata: dict[str, str]) -> None:
