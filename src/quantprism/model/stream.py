@@ -103,9 +103,12 @@ class LayerStream:
         return self.state[key].to(self.device, self.dtype)
 
     def head_weight(self) -> torch.Tensor:
-        """lm_head's weight (the embedding matrix where they are tied)."""
-        key = "lm_head.weight" if "lm_head.weight" in self.state else "model.embed_tokens.weight"
-        return self.tensor(key)
+        """lm_head's weight (the embedding matrix where they are tied), on the device in float32."""
+        return self.head_weight_stored().to(self.device, self.dtype)
+
+    def head_weight_stored(self) -> torch.Tensor:
+        """lm_head's weight as stored (the checkpoint's dtype, on the CPU): the large matrix, cast by row chunks."""
+        return self.state["lm_head.weight" if "lm_head.weight" in self.state else "model.embed_tokens.weight"]
 
 
 def _set_param(module: nn.Module, dotted: str, value: nn.Parameter) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import time
@@ -114,6 +115,22 @@ def _solve(W: torch.Tensor, H: torch.Tensor, imp: torch.Tensor, gid: str, r: Rec
     act_order = r.act_order and isinstance(grid, IntGrid)
     return gptq_quantize(W, H, grid, damp=r.damp, clip=r.clip, act_order=act_order, factors=factors,
                          hessian_key=hessian_key)
+
+
+ROW_CHUNK_BYTES = 64 << 20  # a large matrix (lm_head, embeddings) is solved this many float32 bytes of rows at a time
+
+
+def _solve_rows(W: torch.Tensor, H: torch.Tensor | None, imp: torch.Tensor | None, gid: str, r: Recipe,
+                factors: dict | None = None, hessian_key=None) -> QuantizedTensor:
+    """``_solve`` on row chunks of ``W`` (any float dtype), concatenated: every grid fits per row and GPTQ's updates
+    stay within a row, so the codes are the whole-matrix ones while only one chunk is held in float32."""
+    rows = max(1, ROW_CHUNK_BYTES // (4 * W.shape[1]))
+    if W.shape[0] <= rows:
+        return _solve(W.float(), H, imp, gid, r, factors, hessian_key)
+    parts = [_solve(W[a : a + rows].float(), H, imp, gid, r, factors, hessian_key) for a in range(0, W.shape[0], rows)]
+    out = QuantizedTensor(gid, np.concatenate([q.codes for q in parts], axis=0))
+    out.params = {k: np.concatenate([q.params[k] for q in parts], axis=0) for k in parts[0].params}
+    return out
 
 
 class Checkpoint(Protocol):
@@ -250,6 +267,7 @@ def _solve_layer(layer, li: int, prefix: str, hs: Activations, kws: list[dict], 
         factors: dict = {}  # inverse-Hessian factors of this recipe's layer, shared by the linears of one input
         for lin, group in linear_to_group.items():
             if group not in hessians:
+                factors.clear()  # linears of one input are contiguous: the last input's factors are done with
                 st = stats[group]
                 H, imp = st.hessian, st.imatrix
                 if group in scales:
@@ -296,24 +314,27 @@ def _solve_head_and_embeddings(model, hs: Activations, results: list[CanonicalMo
 
         norm = model.model.norm
         ctx = sm.stream.loaded(norm, "model.norm") if sm.stream else contextlib.nullcontext()
-        W = sm.stream.head_weight().cpu() if sm.stream else model.get_output_embeddings().weight.detach().float()
+        # in its stored dtype (fp32 in memory, the checkpoint's on disk): rows are cast a chunk at a time
+        W = sm.stream.head_weight_stored() if sm.stream else model.get_output_embeddings().weight.detach()
         st = InputStats(W.shape[1], sample_tokens=0)
         with ctx:
             for h in hs:
                 st.add(norm(h.to(sm.device, torch.float32)))
         st.to_cpu()
+        H, imp = st.hessian, st.imatrix
         for res in results:
             if res.recipe.head_grids:
-                res.imatrix["lm_head"] = st.imatrix.clone()
-                res.quant["lm_head"] = {g: _solve(W, st.hessian, st.imatrix, g, res.recipe)
+                factors: dict = {}
+                res.imatrix["lm_head"] = imp.clone()
+                res.quant["lm_head"] = {g: _solve_rows(W, H, imp, g, res.recipe, factors, "lm_head")
                                         for g in res.recipe.head_grids if fits(g, W.shape[1])}
-        del W
+        del W, H
     if need_embed and not tied:
-        E = sm.stream.state["model.embed_tokens.weight"].float() if sm.stream else \
-            model.get_input_embeddings().weight.detach().float()
+        E = sm.stream.state["model.embed_tokens.weight"] if sm.stream else model.get_input_embeddings().weight.detach()
         for res in results:
-            if res.recipe.embed_grids:
-                res.quant["model.embed_tokens"] = {g: grid_from_id(g).rtn(E, None, clip=False)
+            if res.recipe.embed_grids:  # a lookup table: RTN without clipping, whatever the recipe's method
+                rtn = dataclasses.replace(res.recipe, method="rtn", clip=False)
+                res.quant["model.embed_tokens"] = {g: _solve_rows(E, None, None, g, rtn)
                                                    for g in res.recipe.embed_grids if fits(g, E.shape[1])}
 
 
