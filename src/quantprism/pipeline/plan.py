@@ -94,7 +94,8 @@ def run_stage(info: ModelInfo, recipes: list[Recipe], calibration: str | None, s
     settings = StageSettings(recipes=list(recipes), sequential=sequential)
     act_dtype = dtype_of(info)  # hidden states between layers: the checkpoint's dtype (README "Memory")
     keys = [store.cache_key(info.weights_sha256, calib.sha256, r, recipes[0], sequential, settings.sample_tokens,
-                            str(act_dtype).removeprefix("torch.")) for r in recipes]
+                            str(act_dtype).removeprefix("torch."), settings.forward_batch(calib.input_ids.shape[1]))
+            for r in recipes]
     paths = [cache_dir / k for k in keys]
     hits = [store.is_complete(p) for p in paths]
     counter: dict = {}

@@ -18,16 +18,22 @@ from .grids import Grid, Params, QuantizedTensor
 
 
 def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp·mean(diag H); retries with more damping."""
-    H = H.double()
-    mean_diag = torch.diag(H).mean().clamp_min(1e-12)
+    """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp·mean(diag H); retries with more damping.
+
+    In float64, holding at most two in×in float64 buffers at a time (each intermediate is freed as soon as the next
+    exists): for a 14336-wide down_proj input that is 3.3 GB instead of 8."""
+    mean_diag = torch.diag(H).double().mean().clamp_min(1e-12)
     for attempt in range(6):
         lam = damp * (10**attempt) * mean_diag
-        Hd = H + lam * torch.eye(H.shape[0], dtype=H.dtype)
+        Hd = H.double()
+        Hd.diagonal().add_(lam)  # = H + λI, without the identity matrix
         L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
         if int(info) == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if int(info2) == 0:
                 return U.float()
     raise RuntimeError("Hessian is not positive definite even with heavy dampening")
@@ -54,9 +60,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
     """
     W = W.detach().float().clone()
     N, K = W.shape
-    H = H.detach().float().clone()
+    H = H.detach().float()
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
+    if bool(dead.any()):  # the caller's H is shared by the linears of one input: changed on a copy only
+        H = H.clone()
+        H[dead, dead] = 1.0
     W[:, dead] = 0.0
     importance = torch.diag(H).clone()  # imatrix-like weighting for the group fits
     gc = grid.group_cols(K)
@@ -68,11 +76,13 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
         for g in range(n_groups):  # static groups: fit on the original weights
             groups[g] = grid.fit(W[:, g * gc : (g + 1) * gc], importance[g * gc : (g + 1) * gc], clip)
         perm = torch.argsort(torch.diag(H), descending=True)
-    Wp = W[:, perm]
+    Wp = W[:, perm] if act_order else W
     key = (hessian_key, act_order, damp) if factors is not None and hessian_key is not None else None
     U = factors.get(key) if key is not None else None
     if U is None:
-        U = inverse_hessian_cholesky(H[perm][:, perm], damp)
+        if factors is not None:
+            factors.clear()  # one factor at a time: the other column order's is recomputed rather than held
+        U = inverse_hessian_cholesky(H[perm[:, None], perm[None, :]] if act_order else H, damp)
         if key is not None:
             factors[key] = U
 

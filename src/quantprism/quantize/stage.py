@@ -91,8 +91,13 @@ class StageSettings:
     recipes: list[Recipe]
     sequential: bool = True
     chain: int = 0
-    batch: int = 8
+    batch: int = 0  # calibration windows per forward; 0: as many as fit in ``batch_tokens``
     sample_tokens: int = 4096
+    batch_tokens: int = 2048  # bounds a forward's activations (the MLP's intermediates dominate: tokens × inter × 4 B)
+
+    def forward_batch(self, seq_len: int) -> int:
+        """Windows per forward. It sets the fp32 partial sums of the Hessians, so it is part of the cache key."""
+        return self.batch or max(1, self.batch_tokens // max(1, seq_len))
 
 
 def fits(gid: str, k: int) -> bool:
@@ -186,7 +191,7 @@ def run_canonical(model, input_ids: np.ndarray | torch.Tensor, settings: StageSe
     hs = new_acts()
     with torch.inference_mode(), pbar.task("canonical pass", total=n_layers, unit="layer") as bar:
         with materialise(model.model.embed_tokens, "model.embed_tokens"):
-            kws = [to_device(kw, dev) for kw in capture_layer0_inputs(model, ids, settings.batch, hs)]
+            kws = [to_device(kw, dev) for kw in capture_layer0_inputs(model, ids, settings.forward_batch(ids.shape[1]), hs)]
         resumed = checkpoint.load(settings.recipes) if checkpoint else None
         if resumed is not None:
             done, results, saved = resumed
@@ -203,7 +208,7 @@ def run_canonical(model, input_ids: np.ndarray | torch.Tensor, settings: StageSe
             prefix = f"model.layers.{li}"
             with materialise(layers[li], prefix) as layer:
                 hs = _solve_layer(layer, li, prefix, hs, kws, settings, results, arch, counter, dev, new_acts,
-                                  progress, n_layers)
+                                  progress, n_layers, owned=sm.stream is not None)
             if checkpoint:
                 checkpoint.save(li, results, hs)
                 if sm.offload:
@@ -222,8 +227,9 @@ def run_canonical(model, input_ids: np.ndarray | torch.Tensor, settings: StageSe
 
 def _solve_layer(layer, li: int, prefix: str, hs: Activations, kws: list[dict], settings: StageSettings,
                  results: list[CanonicalModel], arch, counter: dict, dev: torch.device, new_acts,
-                 progress, n_layers: int) -> Activations:
-    """Statistics, transforms and codes of one decoder layer for every recipe; returns the next layer's inputs."""
+                 progress, n_layers: int, owned: bool = False) -> Activations:
+    """Statistics, transforms and codes of one decoder layer for every recipe; returns the next layer's inputs.
+    ``owned``: the layer is the stream's (emptied afterwards), so it may be modified."""
     groups, linear_to_group = arch.input_groups, arch.linear_to_group
     stats, handles = attach_collectors(layer, settings.sample_tokens, groups)
     fp_out = None if settings.sequential else new_acts()
@@ -291,7 +297,9 @@ def _solve_layer(layer, li: int, prefix: str, hs: Activations, kws: list[dict], 
         hs.close()
         return fp_out
     # the chain recipe's quantized layer produces the next layer's inputs
-    q_layer = copy.deepcopy(chain_layer)
+    # ``owned``: the layer is the stream's, emptied after this call; a transformed copy is ours too — either can take
+    # the quantized weights in place instead of a deep copy (a whole fp32 layer less at peak)
+    q_layer = chain_layer if owned or chain_layer is not layer else copy.deepcopy(chain_layer)
     cres = results[settings.chain]
     for lin in linear_to_group:
         solved = cres.quant[f"{prefix}.{lin}"]

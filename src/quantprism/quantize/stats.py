@@ -35,7 +35,7 @@ class InputStats:
         x = x.reshape(-1, x.shape[-1]).float()
         if self.xtx.device != x.device:  # accumulate where the layer runs (a GPU with --device cuda)
             self.xtx, self.absmax = self.xtx.to(x.device), self.absmax.to(x.device)
-        self.xtx += (x.T @ x).double()  # fp32 per batch, fp64 across batches
+        self.xtx += x.T @ x  # fp32 per batch, fp64 across batches (added in place: no fp64 temporary)
         self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
         self.n += x.shape[0]
         if self._kept < self.sample_tokens:
@@ -46,16 +46,25 @@ class InputStats:
             self._kept += take
 
     def to_cpu(self) -> InputStats:
-        """After the layer's forward: the solvers and transforms run on the CPU."""
-        self.xtx, self.absmax = self.xtx.cpu(), self.absmax.cpu()
+        """After the layer's forward: the Hessian and imatrix are taken in float32 on the CPU (where the solvers run)
+        and the float64 accumulator, a layer's largest buffer (in² × 8 bytes), is dropped."""
+        n = max(1, self.n)
+        self._imatrix = (torch.diag(self.xtx) / n).float().cpu()
+        self._hessian = self.xtx.mul_(2.0).div_(n).float().cpu()  # = (2·xtx / n) in fp64, rounded once; in place
+        self.xtx = None  # type: ignore[assignment]
+        self.absmax = self.absmax.cpu()
         return self
 
     @property
     def hessian(self) -> torch.Tensor:
+        if self.xtx is None:
+            return self._hessian
         return (2.0 * self.xtx / max(1, self.n)).float()
 
     @property
     def imatrix(self) -> torch.Tensor:
+        if self.xtx is None:
+            return self._imatrix
         return (torch.diag(self.xtx) / max(1, self.n)).float()
 
     @property

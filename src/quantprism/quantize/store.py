@@ -38,11 +38,12 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(model_sha: str, calib_sha: str, recipe: Recipe, chain: Recipe, sequential: bool, sample_tokens: int,
-              activations: str = "float32") -> str:
-    """``activations``: the dtype the hidden states are kept in between layers (it moves codes, so it is keyed)."""
+              activations: str = "float32", batch: int = 8) -> str:
+    """``activations``: the dtype the hidden states are kept in between layers; ``batch``: windows per forward (both
+    move codes, so both are keyed)."""
     blob = json.dumps({
         "v": __version__, "model": model_sha, "calib": calib_sha, "recipe": recipe.key(), "chain": chain.key(),
-        "sequential": sequential, "sample_tokens": sample_tokens, "activations": activations,
+        "sequential": sequential, "sample_tokens": sample_tokens, "activations": activations, "batch": batch,
     }, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
 
