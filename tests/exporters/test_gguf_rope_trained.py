@@ -106,38 +106,45 @@ def test_trained_family_in_llama_cpp_matches_torch(trained, tmp_path, family):
     assert s["top1_agreement"] >= RIGHT_MIN_TOP1 and s["kld_mean"] < RIGHT_MAX_KLD, _line(family, "right", s)
 
 
+def _on_write(monkeypatch, change) -> None:
+    """A writer whose tensors pass through ``change(name, array)`` on the way to gguf-py. The GGUF writer streams:
+    it registers every tensor's info first, then writes the data in the same order, so the names are queued."""
+    import gguf
+
+    add_info, write_data = gguf.GGUFWriter.add_tensor_info, gguf.GGUFWriter.write_tensor_data
+    names: list[str] = []
+
+    def add_tensor_info(self, name, *args, **kwargs):
+        names.append(name)
+        return add_info(self, name, *args, **kwargs)
+
+    def write_tensor_data(self, tensor, *args, **kwargs):
+        return write_data(self, change(names.pop(0), tensor), *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "add_tensor_info", add_tensor_info)
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", write_tensor_data)
+
+
 def _llama_pairing_on_writes(monkeypatch, n_head: int, n_kv: int) -> None:
     """A writer that applies the llama permutation to a qwen2 file: q/k weights and biases are permuted as they
     are handed to gguf-py (the writer itself never permutes for qwen2, so there is no function to patch)."""
-    import gguf
 
-    add = gguf.GGUFWriter.add_tensor
-
-    def add_tensor(self, name, tensor, *args, **kwargs):
+    def change(name, tensor):
         parts = name.split(".")  # blk.<i>.attn_q.weight / .bias
         if len(parts) == 4 and parts[2] in ("attn_q", "attn_k"):
-            tensor = gguf_writer._permute_rows(tensor, n_head if parts[2] == "attn_q" else n_kv)
-        elif len(parts) == 4 and parts[2] == "attn_qkv":  # Phi-3: the q and k row blocks of the fused matrix
+            return gguf_writer._permute_rows(tensor, n_head if parts[2] == "attn_q" else n_kv)
+        if len(parts) == 4 and parts[2] == "attn_qkv":  # Phi-3: the q and k row blocks of the fused matrix
             hd = tensor.shape[0] // (n_head + 2 * n_kv)
             q, k, v = np.split(tensor, [n_head * hd, (n_head + n_kv) * hd])
-            tensor = np.concatenate([gguf_writer._permute_rows(q, n_head), gguf_writer._permute_rows(k, n_kv), v])
-        return add(self, name, tensor, *args, **kwargs)
+            return np.concatenate([gguf_writer._permute_rows(q, n_head), gguf_writer._permute_rows(k, n_kv), v])
+        return tensor
 
-    monkeypatch.setattr(gguf.GGUFWriter, "add_tensor", add_tensor)
+    _on_write(monkeypatch, change)
 
 
 def _replaced(monkeypatch, which, make) -> None:
     """A writer whose tensors named ``which`` are replaced by ``make(tensor)`` (zeros, ones) on the way to gguf-py."""
-    import gguf
-
-    add = gguf.GGUFWriter.add_tensor
-
-    def add_tensor(self, name, tensor, *args, **kwargs):
-        if which(name):
-            tensor = make(tensor)
-        return add(self, name, tensor, *args, **kwargs)
-
-    monkeypatch.setattr(gguf.GGUFWriter, "add_tensor", add_tensor)
+    _on_write(monkeypatch, lambda name, tensor: make(tensor) if which(name) else tensor)
 
 
 WRONG = [

@@ -155,7 +155,14 @@ def write_gguf(out: Path, info: ModelInfo, canonical, file_type: str, imatrix: b
         w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
         rope_dims = rotary_dims(cfg, head_dim)
         w.add_rope_dimension_count(rope_dims)
-        write_rope(w, cfg, rope_dims)
+        # every tensor is registered first (name, shape, bytes, loader) and written in pass 2, in registration order
+        tensors: list[tuple[str, tuple[int, ...], int, Callable[[], np.ndarray]]] = []
+
+        def add_array(name: str, arr: np.ndarray) -> None:  # a small tensor computed here (RoPE factors)
+            w.add_tensor_info(name, arr.shape, arr.dtype, arr.nbytes)
+            tensors.append((name, tuple(arr.shape), arr.nbytes, lambda: arr))
+
+        write_rope(w, cfg, rope_dims, add_array)
         if head_dim != int(cfg["hidden_size"]) // n_head or spec.norm_offset:  # Gemma: always, as llama.cpp's converter
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
@@ -185,7 +192,6 @@ def write_gguf(out: Path, info: ModelInfo, canonical, file_type: str, imatrix: b
 
         # Pass 1: every tensor's name, shape, type and size, from the checkpoint's shapes — nothing is read or packed
         # yet; the tensor-info table is written from it. Pass 2 then reads/packs and writes one tensor at a time.
-        tensors: list[tuple[str, tuple[int, ...], int, Callable[[], np.ndarray]]] = []  # name, shape, bytes, loader
 
         def shape_of(hf: str) -> tuple[int, ...]:
             ti = info.tensors.get(hf)

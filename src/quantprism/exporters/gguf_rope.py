@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -59,11 +60,14 @@ def llama3_factors(rope: dict[str, Any], head_dim: int) -> np.ndarray:
     return torch.tensor(out, dtype=torch.float32).numpy()
 
 
-def write_rope(w, cfg: dict[str, Any], head_dim: int) -> None:
+def write_rope(w, cfg: dict[str, Any], head_dim: int,
+               add_tensor: Callable[[str, np.ndarray], None] | None = None) -> None:
     """RoPE base and scaling keys (and llama3's / longrope's factor tensors) on a GGUFWriter; ``head_dim``: the
-    rotated dimensions per head."""
+    rotated dimensions per head. ``add_tensor``: how a factor tensor joins the file (default ``w.add_tensor``; the
+    streamed writer registers it in its own tensor list)."""
     import gguf
 
+    add_tensor = add_tensor or w.add_tensor
     rope = rope_params(cfg)
     w.add_rope_freq_base(float(rope["rope_theta"]))
     kind = str(rope.get("rope_type") or "default").lower()
@@ -82,7 +86,7 @@ def write_rope(w, cfg: dict[str, Any], head_dim: int) -> None:
             if rope.get(key) is not None:
                 add(float(rope[key]))
     elif kind == "llama3":
-        w.add_tensor("rope_freqs.weight", llama3_factors(rope, head_dim))
+        add_tensor("rope_freqs.weight", llama3_factors(rope, head_dim))
     elif kind in ("longrope", "su"):
         orig = int(rope.get("original_max_position_embeddings") or cfg["original_max_position_embeddings"])
         scale = int(cfg["max_position_embeddings"]) / orig
@@ -92,8 +96,8 @@ def write_rope(w, cfg: dict[str, Any], head_dim: int) -> None:
         w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
         w.add_rope_scaling_orig_ctx_len(orig)
         w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0)
-        w.add_tensor("rope_factors_long.weight", np.asarray(long, dtype=np.float32))
-        w.add_tensor("rope_factors_short.weight", np.asarray(short, dtype=np.float32))
+        add_tensor("rope_factors_long.weight", np.asarray(long, dtype=np.float32))
+        add_tensor("rope_factors_short.weight", np.asarray(short, dtype=np.float32))
     elif kind not in ("default", "none"):
         raise ArtifactError(f"rope_type {kind!r} has no GGUF form llama.cpp runs for this architecture "
                             "(supported: default, linear, yarn, llama3, longrope)")
