@@ -316,11 +316,11 @@ def optional_flags(command: str, wanted: list[tuple[str, str | None]]) -> tuple[
     return argv, missing
 
 
-def repo_target(name: str) -> dict:
+def repo_target(name: str, method: str | None = None) -> dict:
     """A target of the repo's targets.toml, its keys as they are there (no gates: their limits are the bundled
-    model's sizes, meaningless here)."""
+    model's sizes, meaningless here); ``method`` overrides its rounding method (a reduced configuration, recorded)."""
     t = tomllib.loads((REPO / "targets.toml").read_text())["target"][name]
-    return {k: v for k, v in t.items() if k not in ("gates", "description")}
+    return {k: v for k, v in t.items() if k not in ("gates", "description")} | ({"method": method} if method else {})
 
 
 def _toml_value(v) -> str:
@@ -452,7 +452,8 @@ def part_depth(args) -> dict:
     for d in depths:
         model = ensure_model(args, d)
         work = fresh_work(f"depth-{d}")
-        toml = write_targets(work / "targets.toml", model["dir"], args.depth_samples, args.seq_len, {gguf: repo_target(gguf)})
+        toml = write_targets(work / "targets.toml", model["dir"], args.depth_samples, args.seq_len,
+                             {gguf: repo_target(gguf, args.depth_method)})
         check_targets(toml, model["dir"])
         extra, missing = optional_flags("quantize", [("--max-memory", args.max_memory), ("--device", "cpu"),
                                                               ("--quiet", None)])
@@ -467,7 +468,8 @@ def part_depth(args) -> dict:
     ok = {d: r for d, r in runs.items() if r["process"]["rc"] == 0}
     peaks = [r["peak_rss_mb"] for r in ok.values()]
     spread = max(peaks) / min(peaks) - 1 if len(peaks) >= 2 else None
-    out = {"calibration": {"samples": args.depth_samples, "seq_len": args.seq_len}, "target": {gguf: repo_target(gguf)},
+    out = {"calibration": {"samples": args.depth_samples, "seq_len": args.seq_len},
+           "target": {gguf: repo_target(gguf, args.depth_method)},
            "command": "quantprism quantize (the canonical stage only), cold cache", "flags_missing_in_cli": missing,
            "runs": {str(d): r for d, r in runs.items()},
            "goal": {"what": "peak RSS of the quantize process at every depth within 10 % of each other (max/min − 1)",
@@ -484,8 +486,11 @@ def part_depth(args) -> dict:
         else:  # noise on a shared machine at a tiny shape
             basis = (ok[hi]["process"]["wall_s"] / hi, f"wall seconds ÷ layers of the {hi}-layer run (the marginal "
                                                         f"estimate was {marginal:.2f} s, not positive)")
+        method = args.depth_method or "gptq"
         out["extrapolation"] = extrapolate(args, basis[0], args.depth_samples * args.seq_len, basis[1],
-                                           "the GGUF Q4_K_M target's grids (Q4_K, Q6_K where Q4_K_M keeps 6 bits)")
+                                           f"the GGUF Q4_K_M target's grids (Q4_K, Q6_K where Q4_K_M keeps 6 bits), "
+                                           f"method {method}" + ("" if method == "gptq" else
+                                                                 " (not GPTQ: see build1b for the GPTQ figure)"))
     return out
 
 
@@ -702,7 +707,8 @@ def part_limit(args) -> dict:
     work = fresh_work("limit")
     gguf = "llamacpp-cpu-q4km"
     out = {"model": model, "limit_mb": args.limit_mb, "limit_below_model_bf16_size": limit < model["bytes_on_disk"],
-           "calibration": {"samples": args.limit_samples, "seq_len": args.seq_len}, "target": {gguf: repo_target(gguf)}}
+           "calibration": {"samples": args.limit_samples, "seq_len": args.seq_len},
+           "target": {gguf: repo_target(gguf, args.limit_method)}}
     lim = Limit(limit)
     try:
         if not lim.setup():
@@ -716,7 +722,8 @@ def part_limit(args) -> dict:
             out["enforcement_probe"] = probe_limit(probe, 512) if probe.setup(only=lim.kind) else {"error": probe.attempts}
         finally:
             probe.cleanup()
-        toml = write_targets(work / "targets.toml", model["dir"], args.limit_samples, args.seq_len, {gguf: repo_target(gguf)})
+        toml = write_targets(work / "targets.toml", model["dir"], args.limit_samples, args.seq_len,
+                             {gguf: repo_target(gguf, args.limit_method)})
         check_targets(toml, model["dir"])
         mm = args.limit_max_memory or f"{int(args.limit_mb)}MB"
         extra, missing = optional_flags("build", [("--max-memory", mm), ("--device", "cpu"), ("--quiet", None)])
@@ -931,6 +938,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16, help="calibration windows (build1b, peer)")
     ap.add_argument("--depth-samples", type=int, default=4, help="calibration windows (depth)")
     ap.add_argument("--limit-samples", type=int, default=4, help="calibration windows (limit)")
+    ap.add_argument("--depth-method", default=None, help="override the GGUF target's method in the depth part (rtn: "
+                    "a reduced configuration, recorded in the JSON)")
+    ap.add_argument("--limit-method", default=None, help="override the GGUF target's method in the limit part")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-chunks", type=int, default=4, help="512-token chunks scored (build rows, peer KLD)")
     ap.add_argument("--threads", type=int, default=2)

@@ -15,6 +15,7 @@ cross-checks the captured rows against the log-prob vLLM returns for the actual 
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -22,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArtifactError, RuntimeUnavailable
+
+log = logging.getLogger("quantprism")
 
 _ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # in-process engine: ~25 s start instead of minutes
         "VLLM_CPU_INT4_W4A8": "0",  # AMX CPUs would otherwise quantize activations to int8 in 4-bit layers
@@ -47,6 +50,32 @@ def native_wna16() -> bool:
     import vllm._custom_ops  # noqa: F401  (loads the kernel library)
 
     return _has_cpu_wna16_op() and not getattr(_register_emulated_wna16, "lib", None)
+
+
+def _avoid_sgl_int8_with_fp16(dtype: str) -> None:
+    """vllm-cpu 0.32's W8A8 layer picks the SGL AMX kernel when the CPU has AMX tiles, checking the weight dtype
+    (int8) but not the activations': with float16 activations on a CPU without AMX-FP16 (Sapphire/Emerald Rapids)
+    ``int8_scaled_mm_with_quant`` throws inside C++ and the process aborts. There the int8 layers are sent to the
+    oneDNN kernel (what every non-AMX CPU runs) instead; bf16 sessions and AMX-FP16 CPUs are left alone."""
+    import torch
+
+    if str(dtype).removeprefix("torch.") not in ("float16", "half"):
+        return
+    if not torch.cpu._is_amx_tile_supported() or torch.cpu._is_amx_fp16_supported():
+        return
+    from vllm.model_executor.kernels.linear.scaled_mm import cpu as scaled_mm_cpu
+
+    if getattr(scaled_mm_cpu.check_cpu_sgl_kernel, "quantprism_guard", False):
+        return
+    original = scaled_mm_cpu.check_cpu_sgl_kernel
+
+    def check(n: int, k: int, weight_dtype) -> bool:
+        return weight_dtype != torch.int8 and original(n, k, weight_dtype)
+
+    check.quantprism_guard = True  # type: ignore[attr-defined]
+    scaled_mm_cpu.check_cpu_sgl_kernel = check
+    log.warning("vLLM: int8 layers run on oneDNN, not the AMX SGL kernel (it aborts with float16 activations on a "
+                "CPU without AMX-FP16)")
 
 
 def _has_cpu_wna16_op() -> bool:
@@ -139,6 +168,8 @@ class VllmSession:
         import vllm._custom_ops  # noqa: F401
 
         config = json.loads((path / "config.json").read_text())
+        if not torch.cuda.is_available():
+            _avoid_sgl_int8_with_fp16(dtype)
         self.kernel = "native"
         if self._is_4bit(config) and not native_wna16():
             if not emulate_wna16:
