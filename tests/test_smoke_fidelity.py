@@ -98,7 +98,7 @@ def _stale_weights(info, canonical, choose):
     for k in canonical.fp:
         mod = k.removesuffix(".weight")
         if k in original and not (mod in canonical.quant and choose(mod) is not None):
-            state[k] = original[k]
+            state.derived[k] = lambda k=k: original[k]  # the lazy store's loaders come first
     return state
 
 

@@ -24,7 +24,7 @@ def streamed_logits(info: ModelInfo, state: Mapping[str, torch.Tensor], chunks: 
     """Logits [T, V] (float32) of each chunk, in order, for the model whose tensors ``state`` holds."""
     from ..model.stream import (
         LayerStream,
-        capture_layer0_inputs,
+        capture_layer_inputs,
         device_of,
         final_logits,
         layer_forward,
@@ -43,11 +43,11 @@ def streamed_logits(info: ModelInfo, state: Mapping[str, torch.Tensor], chunks: 
     layers = model.model.layers
     with torch.inference_mode(), pbar.task(f"logits of the {what}", total=len(layers) + 1, unit="layer") as bar:
         with stream.loaded(model.model.embed_tokens, "model.embed_tokens"):
-            kws = [to_device(kw, dev) for kw in capture_layer0_inputs(model, ids, 1, hs)]
+            kws = to_device(capture_layer_inputs(model, ids, 1, hs), dev)
         for li in range(len(layers)):
             out = Activations(torch.float32, half, spill_dir)
             with stream.loaded(layers[li], f"model.layers.{li}") as layer:
-                layer_forward(layer, hs, kws, counter, dev, out)
+                layer_forward(layer, hs, [kw[li] for kw in kws], counter, dev, out)
             hs.close()
             hs = out
             bar.advance(1)

@@ -117,39 +117,63 @@ def _set_param(module: nn.Module, dotted: str, value: nn.Parameter) -> None:
     mod._parameters[leaf] = value
 
 
-def capture_layer0_inputs(model: nn.Module, input_ids: torch.Tensor, batch: int, acts: Any) -> list[dict]:
-    """Hidden states entering layer 0 (appended to ``acts``, a ``quantize.activations.Activations``) and the kwargs
-    the model passes to its layers (mask, RoPE). Only the embeddings are needed: the forward stops at layer 0's door."""
+def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch: int, acts: Any) -> list[list[dict]]:
+    """Hidden states entering layer 0 (appended to ``acts``, a ``quantize.activations.Activations``) and, per batch,
+    the kwargs the model passes to EACH layer (mask, RoPE): models with several layer types (Gemma 2/3 sliding and
+    global layers, with their own masks and RoPE bases) give each layer its own. Only the embeddings are computed:
+    while capturing, every decoder layer is an identity (its weights may be on the meta device) and the forward stops
+    after the last one."""
 
     class _Stop(Exception):
         pass
 
     layers = model.model.layers
-    kws: list[dict] = []
+    per_batch: list[list[dict]] = []
+    current: list[dict] = []
+    keep = ("attention_mask", "position_embeddings", "position_ids")
 
-    def hook(_m, args, kwargs):
-        acts.append((args[0] if args else kwargs["hidden_states"]).detach())
-        kws.append({k: v for k, v in kwargs.items() if k in ("attention_mask", "position_embeddings", "position_ids")})
-        raise _Stop
+    def hook(module, args, kwargs):
+        if not current:
+            acts.append((args[0] if args else kwargs["hidden_states"]).detach())
+        current.append({k: v for k, v in kwargs.items() if k in keep})
+        if len(current) == len(layers):
+            raise _Stop
 
-    h = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    def identity(hidden_states=None, *args, **kwargs):
+        return hidden_states
+
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+    saved = [layer.forward for layer in layers]
+    for layer in layers:
+        layer.forward = identity
     try:
         for b0 in range(0, input_ids.shape[0], batch):
+            current = []
             try:
                 model.model(input_ids=input_ids[b0 : b0 + batch], use_cache=False)
             except _Stop:
                 pass
+            per_batch.append(current)
     finally:
-        h.remove()
-    return kws
+        for h in handles:
+            h.remove()
+        for layer, fwd in zip(layers, saved, strict=True):
+            layer.forward = fwd
+    return per_batch
 
 
-def to_device(obj: Any, device: torch.device) -> Any:
-    """Tensors in ``obj`` (nested tuples/lists) moved to ``device``: the RoPE tables and masks the layers take."""
+def to_device(obj: Any, device: torch.device, memo: dict | None = None) -> Any:
+    """Tensors in ``obj`` (nested dicts/tuples/lists) moved to ``device``: the RoPE tables and masks the layers take.
+    ``memo``: tensors shared by several layers are moved once."""
+    memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if id(obj) not in memo:
+            memo[id(obj)] = (obj, obj.to(device))  # the original is kept alive so its id is not reused
+        return memo[id(obj)][1]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device, memo) for k, v in obj.items()}
     if isinstance(obj, tuple | list):
-        return type(obj)(to_device(o, device) for o in obj)
+        return type(obj)(to_device(o, device, memo) for o in obj)
     return obj
 
 

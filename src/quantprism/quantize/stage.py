@@ -27,7 +27,7 @@ import torch
 from .. import progress as pbar
 from ..errors import QuantprismError
 from ..model.archs import ARCHS, LLAMA
-from ..model.stream import LayerStream, capture_layer0_inputs, layer_forward, to_device
+from ..model.stream import LayerStream, capture_layer_inputs, layer_forward, to_device
 from .activations import Activations
 from .gptq import gptq_quantize
 from .grids import IntGrid, QuantizedTensor, grid_from_id
@@ -191,7 +191,8 @@ def run_canonical(model, input_ids: np.ndarray | torch.Tensor, settings: StageSe
     hs = new_acts()
     with torch.inference_mode(), pbar.task("canonical pass", total=n_layers, unit="layer") as bar:
         with materialise(model.model.embed_tokens, "model.embed_tokens"):
-            kws = [to_device(kw, dev) for kw in capture_layer0_inputs(model, ids, settings.forward_batch(ids.shape[1]), hs)]
+            # per batch, per layer: the kwargs each layer gets (layer types differ in mask and RoPE)
+            kws = to_device(capture_layer_inputs(model, ids, settings.forward_batch(ids.shape[1]), hs), dev)
         resumed = checkpoint.load(settings.recipes) if checkpoint else None
         if resumed is not None:
             done, results, saved = resumed
@@ -207,7 +208,7 @@ def run_canonical(model, input_ids: np.ndarray | torch.Tensor, settings: StageSe
             t_layer = time.time()
             prefix = f"model.layers.{li}"
             with materialise(layers[li], prefix) as layer:
-                hs = _solve_layer(layer, li, prefix, hs, kws, settings, results, arch, counter, dev, new_acts,
+                hs = _solve_layer(layer, li, prefix, hs, [kw[li] for kw in kws], settings, results, arch, counter, dev, new_acts,
                                   progress, n_layers, owned=sm.stream is not None)
             if checkpoint:
                 checkpoint.save(li, results, hs)
