@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..errors import ArtifactError
+from ..manifest import atomic_path, write_text_atomic
 from ..model.st_read import read_index, read_tensor
 from .grids import QuantizedTensor
 from .stage import CanonicalModel, Recipe
@@ -118,7 +119,7 @@ def update_info(path: Path, info: dict) -> None:
     """Rewrite a stored result's ``info`` (e.g. measured sensitivity added after the pass), atomically."""
     meta = json.loads((Path(path) / META).read_text())
     meta["info"] = info
-    _write_text_atomic(Path(path) / META, json.dumps(meta, indent=2, sort_keys=True, default=list) + "\n")
+    write_text_atomic(Path(path) / META, json.dumps(meta, indent=2, sort_keys=True, default=list) + "\n")
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -233,19 +234,13 @@ class LayerCheckpoint:
 
     def _save_stream(self, layer: int, hs) -> None:
         shapes, dtype = [], None
-        fd, tmp = tempfile.mkstemp(prefix=".stream.", suffix=".tmp", dir=self.root)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                for h in hs:  # one batch at a time (activations may live on disk)
-                    h = h.contiguous()
-                    dtype = str(h.dtype).removeprefix("torch.")
-                    shapes.append(list(h.shape))
-                    f.write(h.view(-1).view(torch.uint8).numpy().tobytes())
-            os.replace(tmp, self.root / f"stream-{layer:03d}.bin")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        _write_text_atomic(self.root / f"stream-{layer:03d}.json", json.dumps({"dtype": dtype, "shapes": shapes}))
+        with atomic_path(self.root / f"stream-{layer:03d}.bin") as tmp, open(tmp, "wb") as f:
+            for h in hs:  # one batch at a time (activations may live on disk)
+                h = h.contiguous()
+                dtype = str(h.dtype).removeprefix("torch.")
+                shapes.append(list(h.shape))
+                f.write(h.view(-1).view(torch.uint8).numpy().tobytes())
+        write_text_atomic(self.root / f"stream-{layer:03d}.json", json.dumps({"dtype": dtype, "shapes": shapes}))
         for old in self.root.glob("stream-*.*"):
             if not old.name.startswith(f"stream-{layer:03d}."):
                 old.unlink(missing_ok=True)
@@ -291,23 +286,6 @@ class LayerCheckpoint:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _write_text_atomic(dest: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _save_atomic(tensors: dict[str, torch.Tensor], dest: Path, metadata: dict[str, str]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(dest) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
