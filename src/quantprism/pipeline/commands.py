@@ -38,10 +38,10 @@ class QuantizeOutcome:
 def quantize(tf: TargetsFile, info: ModelInfo, only: list[str], calibration: str | None, samples: int | None,
              seq_len: int | None, sequential: bool = True, out: Path | None = None, cache_dir: Path | None = None,
              progress: Callable[[str, int, int], None] | None = None,
-             on_total: Callable[[int], None] | None = None, device: str | None = "auto",
+             device: str | None = "auto",
              max_memory: int | None = None) -> QuantizeOutcome:
     """One canonical pass for the selected targets; results copied to ``out`` (with plans.json) when given.
-    ``on_total`` hears the number of progress steps (layers × 7 linears × recipes) before the pass starts."""
+    Progress goes through ``quantprism.progress`` (the pass reports per layer)."""
     from ..manifest import write_json_atomic
 
     d = tf.defaults
@@ -49,8 +49,6 @@ def quantize(tf: TargetsFile, info: ModelInfo, only: list[str], calibration: str
     recipes, index = plan_recipes(targets, info)
     if not recipes:
         return QuantizeOutcome(None, [], {})
-    if on_total is not None:
-        on_total(info.n_layers * len(info.arch.linears) * len(recipes))
     run = run_stage(info, recipes, calibration or d.calibration, samples or d.samples, seq_len or d.seq_len, d.seed,
                     sequential=sequential, cache_dir=cache_dir, progress=progress, device=device, max_memory=max_memory)
     rows = []
