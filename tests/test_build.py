@@ -83,11 +83,17 @@ def test_build_passes_then_an_impossible_gate_fails_with_exit_1(project, run_cli
 def test_runtime_killed_mid_target_others_finish(project, run_cli, monkeypatch):
     tmp, make = project
     monkeypatch.setenv("QUANTPRISM_TEST_KILL_TARGET", "q4km")  # the worker SIGKILLs itself after opening llama.cpp
-    rc, out, err = _build(run_cli, make(), tmp / "b", "--skip-bench")
+    # and a memory allowance below what the original model needs in torch: its row is not run, the targets are
+    rc, out, err = _build(run_cli, make(), tmp / "b", "--skip-bench", "--max-memory", "100MB")
     assert rc == 1
-    rows = {r["name"]: r for r in json.loads((tmp / "b" / "results.json").read_text())["targets"]}
+    doc = json.loads((tmp / "b" / "results.json").read_text())
+    rows = {r["name"]: r for r in doc["targets"]}
     assert rows["q4km"]["status"] == "error" and "killed by signal 9" in rows["q4km"]["error"]
     assert rows["q8"]["passed"] and rows["q8"]["quality"]["kld_mean"] > 0
+    assert doc["original"]["status"] == "skipped" and "0.1 GB allowed" in doc["original"]["reason"]
+    assert not (tmp / "b" / ".work" / "original").exists()
+    report = (tmp / "b" / "report.md").read_text()
+    assert "reference not run" in report and "speed-ups against it are not measured" in report
 
 
 def test_ctrl_c_during_export_leaves_nothing_half_written_and_rerun_resumes(project, run_cli, monkeypatch):

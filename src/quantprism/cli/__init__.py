@@ -26,7 +26,8 @@ def _run_options(f):
     f = click.option("--quiet", is_flag=True, help="No progress bars or step lines (errors and the final report only).")(f)
     f = click.option("--max-memory", default=None,
                      help="RAM the canonical pass may use, e.g. 12GB (default: half of the available memory); "
-                          "activations beyond it spill to disk.")(f)
+                          "activations beyond it spill to disk. A build also runs the original model's torch row in "
+                          "its checkpoint dtype, or skips it, when float32 would not fit.")(f)
     f = click.option("--device", default="auto", show_default=True,
                      help="Where the layer being solved runs: auto (a CUDA GPU when present), cpu, cuda or cuda:N.")(f)
     return f

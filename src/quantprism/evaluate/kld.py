@@ -31,6 +31,11 @@ class BaseLogprobs:
 
     @classmethod
     def from_logits(cls, logits: np.ndarray, next_tokens: np.ndarray) -> BaseLogprobs:
+        """Encoded SCORE_ROWS positions at a time (per-position arithmetic: the same bytes as all at once)."""
+        if logits.shape[0] > SCORE_ROWS:
+            parts = [cls.from_logits(logits[a : a + SCORE_ROWS], next_tokens[a : a + SCORE_ROWS])
+                     for a in range(0, logits.shape[0], SCORE_ROWS)]
+            return cls(*(np.concatenate([getattr(b, f) for b in parts]) for f in ("scale", "min_log_prob", "q", "next_tokens")))
         logits = logits.astype(np.float32)
         M = logits.max(1)
         m = np.maximum(logits.min(1), M - np.float32(16))
@@ -56,8 +61,20 @@ class TokenScores:
     p_diff: np.ndarray
 
 
+SCORE_ROWS = 64  # positions scored at a time: a [rows, vocab] float64 temporary stays a few MB at any vocabulary
+
+
 def score_tokens(base: BaseLogprobs, logits: np.ndarray, rows: slice | np.ndarray = slice(None)) -> TokenScores:
-    """Per-token statistics of quantized-model logits [T, V] against ``base`` rows."""
+    """Per-token statistics of quantized-model logits [T, V] against ``base`` rows, SCORE_ROWS positions at a time
+    (every statistic is per position, so the blocks' results are the whole matrix's)."""
+    idx = np.arange(len(base))[rows]
+    if len(idx) <= SCORE_ROWS:
+        return _score_block(base, logits, idx)
+    return concat([_score_block(base, logits[a : a + SCORE_ROWS], idx[a : a + SCORE_ROWS])
+                   for a in range(0, len(idx), SCORE_ROWS)])
+
+
+def _score_block(base: BaseLogprobs, logits: np.ndarray, rows: np.ndarray) -> TokenScores:
     logits = logits.astype(np.float32)
     lb = base.logp(rows)
     tok = base.next_tokens[rows]

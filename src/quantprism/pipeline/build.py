@@ -50,7 +50,8 @@ class BuildSettings:
     log: Callable[[str], None] = print
     seconds: dict = field(default_factory=dict)
     device: str | None = "auto"  # the canonical pass and the torch references: auto | cpu | cuda[:N]
-    max_memory: int | None = None  # bytes the canonical pass may hold (None: half of the available memory)
+    max_memory: int | None = None  # bytes the build may hold: the canonical pass (None: half of the available
+    # memory) and the original model's torch row (None: the available memory)
     peak_rss_mb: dict = field(default_factory=dict)  # per stage, this process (runtimes: each worker's own)
 
 
@@ -154,8 +155,10 @@ def tokenizer_reference_file(info: ModelInfo, s: BuildSettings, cache: Path) -> 
 
 
 def run_worker(name: str, runtime: str, artifact: Path, base: Path, s: BuildSettings, bos: int, work: Path,
-               reference: Path | None = None, tokenizer_ref: Path | None = None, parity_mode: str = "eval") -> dict:
+               reference: Path | None = None, tokenizer_ref: Path | None = None, parity_mode: str = "eval",
+               options: dict | None = None) -> dict:
     spec = {"name": name, "runtime": runtime, "artifact": str(artifact), "threads": s.threads, "n_ctx": s.n_ctx, "bos": bos,
+            "options": options or {},
             "smoke_prompt": SMOKE_PROMPT, "smoke_tokens": SMOKE_TOKENS, "base": str(base),
             "tokenizer_reference": str(tokenizer_ref) if tokenizer_ref else None, "tokenizer_parity": parity_mode,
             "reference": str(reference) if reference else None, "skip_bench": s.skip_bench, "prompt_len": s.prompt_len,
@@ -225,6 +228,35 @@ def _size(path: Path) -> tuple[dict, int]:
     files = file_table(root) if path.is_dir() or path.suffix == ".onnx" else {path.name: file_table(root)[path.name]}
     files = {k: v for k, v in files.items() if not k.startswith("worker")}
     return files, sum(f["bytes"] for f in files.values())
+
+
+TORCH_RUNTIME_BYTES = 700 << 20  # torch + transformers imported, the eval chunks' logits and a KV cache
+LOAD_OVERHEAD = 1.25  # transformers' loading holds some tensors twice for a moment
+
+
+def original_precision(info: ModelInfo, max_memory: int | None) -> tuple[str | None, str]:
+    """The dtype the original model's torch row runs in, and why not float32: float32 where it fits the memory the
+    build may use (``--max-memory``, else what is available now), else the checkpoint's own 16-bit dtype, else None —
+    the row is not run (a model larger than the allowed memory, which the streamed stages handle, cannot be loaded whole)."""
+    import torch
+
+    from ..model.stream import dtype_of
+    from ..quantize.activations import available_memory
+
+    allowance = max_memory if max_memory is not None else available_memory()
+
+    def need(itemsize: int) -> int:
+        return int(LOAD_OVERHEAD * info.n_params * itemsize) + TORCH_RUNTIME_BYTES
+
+    gb = 1e9
+    if need(4) <= allowance:
+        return "float32", ""
+    stored = dtype_of(info)
+    if stored != torch.float32 and need(stored.itemsize) <= allowance:
+        return (str(stored).removeprefix("torch."),
+                f"float32 would need ~{need(4) / gb:.1f} GB of the {allowance / gb:.1f} GB allowed; run in the checkpoint's dtype")
+    return None, (f"the model needs ~{need(stored.itemsize) / gb:.1f} GB in {str(stored).removeprefix('torch.')} to run "
+                  f"whole; {allowance / gb:.1f} GB allowed (--max-memory or available memory)")
 
 
 def finish_row(row: dict, gates: dict, skip_bench: bool, original: dict | None = None) -> dict:
@@ -318,8 +350,17 @@ def build(targets: list[Target], info: ModelInfo, s: BuildSettings, progress=Non
     original["size_bytes"] = sum(f["bytes"] for k, f in original["files"].items() if k.endswith(".safetensors"))
     original["size_mb"] = round(original["size_bytes"] / 1e6, 3)
     original["bits_per_weight"] = round(8 * original["size_bytes"] / info.n_params, 3)
-    s.log("original model in torch (reference row)")
-    original.update(run_worker("original", "torch", info.path, base, s, bos, s.out / ".work" / "original"))
+    dtype, why = original_precision(info, s.max_memory)
+    if dtype is None:
+        original.update(status="skipped", reason=why)
+        s.log(f"original model in torch: not run ({why})")
+    else:
+        s.log(f"original model in torch, {dtype} (reference row){': ' + why if why else ''}")
+        original["dtype"] = dtype
+        if why:
+            original["dtype_reason"] = why
+        original.update(run_worker("original", "torch", info.path, base, s, bos, s.out / ".work" / "original",
+                                   options={"dtype": dtype}))
     original["passed"] = original.get("status") == "ok"
     for t in targets:
         row = rows[t.name]

@@ -96,7 +96,8 @@ def run(spec: dict) -> dict:
     base, chunks, masks = load_base(Path(spec["base"]))
     event = Events(spec.get("events"), 2 + len(chunks) + (0 if spec["skip_bench"] else 1))
     t0 = time.perf_counter()
-    sess = open_runtime(spec["runtime"], Path(spec["artifact"]), spec["threads"], n_ctx=spec["n_ctx"] + 64)
+    sess = open_runtime(spec["runtime"], Path(spec["artifact"]), spec["threads"], n_ctx=spec["n_ctx"] + 64,
+                        options=spec.get("options"))
     secs["open"] = round(time.perf_counter() - t0, 2)
     event("runtime loaded")
     out: dict = {"kernel": sess.kernel, "threads": sess.threads}

@@ -93,7 +93,8 @@ class Activations:
 
 
 def available_memory() -> int:
-    """MemAvailable from /proc/meminfo (bytes), capped by a cgroup v2 limit where one applies."""
+    """MemAvailable from /proc/meminfo (bytes), capped by the room left under this process's cgroup memory limit
+    (v2 memory.max, or v1 memory.limit_in_bytes) where one applies."""
     avail = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -101,15 +102,39 @@ def available_memory() -> int:
                 avail = int(line.split()[1]) * 1024
     except OSError:
         pass
-    try:
-        cg = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        cur = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
-        if cg != "max":
-            room = int(cg) - cur
-            avail = room if avail is None else min(avail, room)
-    except (OSError, ValueError):
-        pass
+    room = cgroup_room()
+    if room is not None:
+        avail = room if avail is None else min(avail, room)
     return avail if avail is not None else 8 << 30
+
+
+def cgroup_room() -> int | None:
+    """Bytes left under the tightest memory limit of this process's cgroup and its ancestors (None: no limit)."""
+    rooms = []
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, ctrls, rel = line.split(":", 2)
+        if ctrls == "":  # v2: limits of every ancestor apply
+            base, limit_f, usage_f = Path("/sys/fs/cgroup"), "memory.max", "memory.current"
+        elif "memory" in ctrls.split(","):
+            base, limit_f, usage_f = Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        g = base / rel.lstrip("/")
+        while True:
+            try:
+                limit = (g / limit_f).read_text().strip()
+                if limit != "max" and int(limit) < 1 << 60:  # v1 reads 2^63 rounded down to a page when unlimited
+                    rooms.append(int(limit) - int((g / usage_f).read_text().strip()))
+            except (OSError, ValueError):
+                pass
+            if g == base or base not in g.parents:
+                break
+            g = g.parent
+    return min(rooms) if rooms else None
 
 
 def parse_bytes(text: str) -> int:

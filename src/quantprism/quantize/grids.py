@@ -39,6 +39,9 @@ class Grid(Protocol):
     def stack(self, groups: list[Params], codes: torch.Tensor) -> QuantizedTensor: ...
 
 
+DEQUANT_CHUNK_BYTES = 32 << 20
+
+
 @dataclass
 class QuantizedTensor:
     """Integer codes [N, K] plus the grid's parameters (numpy), and the grid that reads them."""
@@ -52,7 +55,16 @@ class QuantizedTensor:
         return grid_from_id(self.grid_id)
 
     def dequantize(self) -> np.ndarray:
-        return self.grid.dequantize(self.codes, self.params)
+        """float32 [N, K], computed DEQUANT_CHUNK_BYTES of rows at a time (every grid's parameters are per row): a
+        vocabulary-sized matrix never has its float32 temporaries (scales, zeros, codes) whole at once."""
+        n, k = self.codes.shape
+        rows = max(1, DEQUANT_CHUNK_BYTES // max(1, 4 * k))
+        if n <= rows:
+            return self.grid.dequantize(self.codes, self.params)
+        out = np.empty((n, k), np.float32)
+        for a in range(0, n, rows):
+            out[a : a + rows] = self.grid.dequantize(self.codes[a : a + rows], {p: v[a : a + rows] for p, v in self.params.items()})
+        return out
 
     @property
     def shape(self) -> tuple[int, int]:

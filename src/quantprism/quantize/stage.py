@@ -232,7 +232,10 @@ def _solve_layer(layer, li: int, prefix: str, hs: Activations, kws: list[dict], 
     """Statistics, transforms and codes of one decoder layer for every recipe; returns the next layer's inputs.
     ``owned``: the layer is the stream's (emptied afterwards), so it may be modified."""
     groups, linear_to_group = arch.input_groups, arch.linear_to_group
-    stats, handles = attach_collectors(layer, settings.sample_tokens, groups)
+    # the token sample feeds the transform searches only (AWQ, SmoothQuant): 4096 tokens × every input width in
+    # float32 is a layer's second-largest statistic, not kept when no recipe transforms
+    keep = settings.sample_tokens if any(r.transform != "none" for r in settings.recipes) else 0
+    stats, handles = attach_collectors(layer, keep, groups)
     fp_out = None if settings.sequential else new_acts()
     try:
         layer_forward(layer, hs, kws, counter, dev, fp_out)

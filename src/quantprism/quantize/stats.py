@@ -15,6 +15,7 @@ from ..model.archs import LLAMA
 
 # input group → the linears reading it (Llama's; each architecture's own: model/archs.py Arch.groups)
 INPUT_GROUPS = LLAMA.input_groups
+XTX_BLOCK_BYTES = 32 << 20  # the largest float32 partial product of one batch's XᵀX
 
 
 @dataclass
@@ -35,7 +36,11 @@ class InputStats:
         x = x.reshape(-1, x.shape[-1]).float()
         if self.xtx.device != x.device:  # accumulate where the layer runs (a GPU with --device cuda)
             self.xtx, self.absmax = self.xtx.to(x.device), self.absmax.to(x.device)
-        self.xtx += x.T @ x  # fp32 per batch, fp64 across batches (added in place: no fp64 temporary)
+        # fp32 per batch, fp64 across batches, added in place a column block at a time: the fp32 product of a wide
+        # input (in² × 4 bytes, 127 MB at 5632) is never whole
+        cols = max(1, XTX_BLOCK_BYTES // (4 * self.dim))
+        for a in range(0, self.dim, cols):
+            self.xtx[:, a : a + cols] += x.T @ x[:, a : a + cols]
         self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
         self.n += x.shape[0]
         if self._kept < self.sample_tokens:

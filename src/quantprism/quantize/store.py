@@ -34,6 +34,10 @@ HEAD = "head.safetensors"  # a streamed pass: what is not in the per-layer files
 META = "canonical.json"
 
 
+# bumped when the arithmetic behind the codes changes (2: in-place inverse-Hessian factor, column-blocked XᵀX)
+SOLVER_VERSION = 2
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("QUANTPRISM_CACHE", Path.home() / ".cache" / "quantprism")) / "canonical"
 
@@ -43,7 +47,7 @@ def cache_key(model_sha: str, calib_sha: str, recipe: Recipe, chain: Recipe, seq
     """``activations``: the dtype the hidden states are kept in between layers; ``batch``: windows per forward (both
     move codes, so both are keyed)."""
     blob = json.dumps({
-        "v": __version__, "model": model_sha, "calib": calib_sha, "recipe": recipe.key(), "chain": chain.key(),
+        "v": __version__, "solver": SOLVER_VERSION, "model": model_sha, "calib": calib_sha, "recipe": recipe.key(), "chain": chain.key(),
         "sequential": sequential, "sample_tokens": sample_tokens, "activations": activations, "batch": batch,
     }, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:24]

@@ -29,7 +29,9 @@ def _rows(doc: dict) -> list[dict]:
 
 def _verdict(row: dict) -> str:
     if row["name"] == "original":
-        return "reference"
+        if row.get("status") == "skipped":
+            return "reference not run"
+        return "reference" + (f", {row['dtype']}" if row.get("dtype") not in (None, "float32") else "")
     return "PASS" if row.get("passed") else "FAIL"
 
 
@@ -108,6 +110,10 @@ def render_md(doc: dict, baseline: dict | None = None) -> str:
     if emulated:
         lines += ["", f"Kernel `emulated-wna16` ({', '.join(emulated)}): vLLM's 4-bit op emulated on a CPU without the "
                       "native kernel; correctness only, excluded from speed comparisons."]
+    orig = doc["original"]
+    if orig.get("status") == "skipped" or orig.get("dtype_reason"):
+        lines += ["", f"Original model in torch: {orig.get('reason') or orig.get('dtype_reason')} — speed-ups against it "
+                      + ("are not measured." if orig.get("status") == "skipped" else f"are against {orig['dtype']}.")]
     fails = _failures(doc)
     if fails:
         lines += ["", "**Failures:**", ""] + [f"- {f}" for f in fails]

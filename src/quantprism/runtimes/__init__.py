@@ -19,8 +19,9 @@ RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
 __all__ = ["RUNTIMES", "GreedySession", "Runtime", "Session", "open_runtime"]
 
 
-def open_runtime(runtime: str, artifact: Path, threads: int | None = None, n_ctx: int = 1024) -> Session:
+def open_runtime(runtime: str, artifact: Path, threads: int | None = None, n_ctx: int = 1024,
+                 options: dict | None = None) -> Session:
     """Open ``artifact`` in its own runtime (a name of RUNTIMES; "torch" runs the original checkpoint)."""
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIMES)}")
-    return RUNTIMES[runtime].open(artifact, threads, n_ctx)
+    return RUNTIMES[runtime].open(artifact, threads, n_ctx, options)

@@ -109,10 +109,11 @@ class Runtime:
     module: str  # the adapter module, imported on open
     packages: tuple[str, ...] = ()  # distributions recorded in results.json
 
-    def open(self, artifact: Path, threads: int | None = None, n_ctx: int = 1024) -> Session:
+    def open(self, artifact: Path, threads: int | None = None, n_ctx: int = 1024, options: dict | None = None) -> Session:
+        """``options``: adapter-specific keywords (the torch reference's ``dtype``)."""
         import importlib
 
-        return importlib.import_module(self.module).open_runtime_session(Path(artifact), threads, n_ctx)
+        return importlib.import_module(self.module).open_runtime_session(Path(artifact), threads, n_ctx, **(options or {}))
 
 
 def import_probe(module: str, dist: str, install: str) -> tuple[bool, str]:

@@ -1,4 +1,4 @@
-"""The original model in PyTorch (fp32, eager, KV cache): the reference row of every build report."""
+"""The original model in PyTorch (fp32 by default, eager, KV cache): the reference row of every build report."""
 from __future__ import annotations
 
 import os
@@ -13,7 +13,7 @@ class TorchSession(GreedySession):
     runtime = "torch"
     kernel = "native"
 
-    def __init__(self, path: Path | None, threads: int | None = None):
+    def __init__(self, path: Path | None, threads: int | None = None, dtype: str | None = None):
         import torch
 
         from ..model import load_model_info, load_tokenizer, load_torch_model
@@ -21,7 +21,8 @@ class TorchSession(GreedySession):
         self.threads = threads or min(os.cpu_count() or 1, 8)
         torch.set_num_threads(self.threads)
         info = load_model_info(path)
-        self.model = load_torch_model(info)
+        self.model = load_torch_model(info, getattr(torch, dtype) if dtype else None)
+        self.dtype = str(self.model.dtype).removeprefix("torch.")
         self.tok = load_tokenizer(info)
         self.eos = {int(self.tok.eos_token_id)} if self.tok.eos_token_id is not None else set()
 
@@ -57,9 +58,10 @@ class TorchSession(GreedySession):
         del self.model
 
 
-def open_session(path: Path | None, threads: int | None = None) -> TorchSession:
-    return TorchSession(path, threads)
+def open_session(path: Path | None, threads: int | None = None, dtype: str | None = None) -> TorchSession:
+    return TorchSession(path, threads, dtype)
 
 
-def open_runtime_session(path: Path, threads: int | None, n_ctx: int):
-    return open_session(path, threads=threads)
+def open_runtime_session(path: Path, threads: int | None, n_ctx: int, dtype: str | None = None):
+    """``dtype``: "float32" (default) or the checkpoint's own ("bfloat16", "float16") where float32 does not fit."""
+    return open_session(path, threads=threads, dtype=dtype)
