@@ -10,6 +10,10 @@ is what runtimes that ignore ``g_idx`` (vLLM) compute.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import mmap
+import sys
 from collections.abc import Hashable, Iterator
 
 import torch
@@ -40,8 +44,27 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float, block: int = 256,
             out = A.view(torch.float32).view(-1)[: n * n].view(n, n)  # the buffer's first half, as float32
             for r0 in range(0, n, block):  # row r's float32 bytes overlap float64 rows ≤ r only: already read
                 out[r0 : r0 + block] = A[r0 : r0 + block].float()
+            release_pages(A, keep_bytes=4 * n * n)  # the second half is never read again: its pages go back
             return out
     raise RuntimeError("Hessian is not positive definite even with heavy dampening")
+
+
+def release_pages(t: torch.Tensor, keep_bytes: int) -> bool:
+    """Hand the whole pages of ``t``'s CPU buffer beyond its first ``keep_bytes`` back to the kernel (madvise
+    MADV_DONTNEED: the mapping stays, the memory is released; a later read would see zeros, so only for bytes never
+    read again). False where that is not possible (not Linux, not a CPU tensor)."""
+    if t.device.type != "cpu" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return False
+    page = mmap.PAGESIZE
+    start = -(-(t.data_ptr() + keep_bytes) // page) * page
+    end = (t.data_ptr() + t.untyped_storage().nbytes()) // page * page
+    if end <= start:
+        return False
+    return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4) == 0  # 4 = MADV_DONTNEED
 
 
 def _reverse_cholesky_(A: torch.Tensor, b: int) -> bool:
@@ -114,7 +137,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
         for g in range(n_groups):  # static groups: fit on the original weights
             groups[g] = grid.fit(W[:, g * gc : (g + 1) * gc], importance[g * gc : (g + 1) * gc], clip)
         perm = torch.argsort(torch.diag(H), descending=True)
-    Wp = W[:, perm] if act_order else W
+    if act_order:
+        W = W[:, perm]  # the sweep's column order; the natural-order copy is not needed again
     key = (hessian_key, act_order, damp) if factors is not None and hessian_key is not None else None
     U = factors.get(key) if key is not None else None
     if U is None:
@@ -128,9 +152,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
     if gc > B and not act_order:  # per-channel (or huge groups): fit once on the whole row range
         for g in range(n_groups):
             groups[g] = grid.fit(W[:, g * gc : (g + 1) * gc], importance[g * gc : (g + 1) * gc], clip)
-    Q = torch.zeros(N, K)
+    Q = torch.zeros(N, K, dtype=torch.uint8)  # integer codes (every grid's are 0…255): a quarter of float32
     with _threads(1 if N * B < (1 << 20) else 2):
-        _sweep(Wp, U, Q, groups, grid, importance, perm, gc, B, clip)
+        _sweep(W, U, Q, groups, grid, importance, perm, gc, B, clip)
     return grid.stack([g for g in groups if g is not None], Q[:, torch.argsort(perm)])
 
 
