@@ -113,8 +113,8 @@ def first_fitting(grids: tuple[str, ...], k: int) -> str | None:
 def _solve(W: torch.Tensor, H: torch.Tensor, imp: torch.Tensor, gid: str, r: Recipe, factors: dict | None = None,
            hessian_key=None) -> QuantizedTensor:
     grid = grid_from_id(gid)
-    if r.method == "rtn":
-        return grid.rtn(W, imp, clip=r.clip)
+    if r.method == "rtn":  # row blocks: the k-quant searches' temporaries are many times the rows they fit
+        return _by_rows(W, lambda w: grid.rtn(w, imp, clip=r.clip))
     # k-quant super-blocks are fitted on the error-updated weights (natural order, DESIGN); int grids
     # use static-group act-order, which measured best (benchmarks/canonical_quality.py)
     act_order = r.act_order and isinstance(grid, IntGrid)
@@ -122,20 +122,25 @@ def _solve(W: torch.Tensor, H: torch.Tensor, imp: torch.Tensor, gid: str, r: Rec
                          hessian_key=hessian_key)
 
 
-ROW_CHUNK_BYTES = 64 << 20  # a large matrix (lm_head, embeddings) is solved this many float32 bytes of rows at a time
+ROW_CHUNK_BYTES = 16 << 20  # a large matrix (lm_head, embeddings) is solved this many float32 bytes of rows at a time
+
+
+def _by_rows(W: torch.Tensor, solve: Callable[[torch.Tensor], QuantizedTensor]) -> QuantizedTensor:
+    """``solve`` on row blocks of ``W`` of ROW_CHUNK_BYTES in float32, concatenated: every grid fits per row and
+    GPTQ's updates stay within a row, so the codes are the whole matrix's while one block's temporaries exist."""
+    rows = max(1, ROW_CHUNK_BYTES // (4 * W.shape[1]))
+    if W.shape[0] <= rows:
+        return solve(W.float())
+    parts = [solve(W[a : a + rows].float()) for a in range(0, W.shape[0], rows)]
+    out = QuantizedTensor(parts[0].grid_id, np.concatenate([q.codes for q in parts], axis=0))
+    out.params = {k: np.concatenate([q.params[k] for q in parts], axis=0) for k in parts[0].params}
+    return out
 
 
 def _solve_rows(W: torch.Tensor, H: torch.Tensor | None, imp: torch.Tensor | None, gid: str, r: Recipe,
                 factors: dict | None = None, hessian_key=None) -> QuantizedTensor:
-    """``_solve`` on row chunks of ``W`` (any float dtype), concatenated: every grid fits per row and GPTQ's updates
-    stay within a row, so the codes are the whole-matrix ones while only one chunk is held in float32."""
-    rows = max(1, ROW_CHUNK_BYTES // (4 * W.shape[1]))
-    if W.shape[0] <= rows:
-        return _solve(W.float(), H, imp, gid, r, factors, hessian_key)
-    parts = [_solve(W[a : a + rows].float(), H, imp, gid, r, factors, hessian_key) for a in range(0, W.shape[0], rows)]
-    out = QuantizedTensor(gid, np.concatenate([q.codes for q in parts], axis=0))
-    out.params = {k: np.concatenate([q.params[k] for q in parts], axis=0) for k in parts[0].params}
-    return out
+    """``_solve`` on row blocks of ``W`` (any float dtype: a vocabulary-sized matrix is cast a block at a time)."""
+    return _by_rows(W, lambda w: _solve(w, H, imp, gid, r, factors, hessian_key))
 
 
 class Checkpoint(Protocol):
