@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")  # our own bars only: no third-party progress output
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from ..pipeline.rss import release_freed_memory
+    from ..memory import release_freed_memory
 
     release_freed_memory()  # the streamed pass frees a layer's buffers after each layer: give them back
     try:

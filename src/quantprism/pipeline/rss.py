@@ -36,20 +36,3 @@ def peak_rss() -> int:
 
 def peak_mb() -> float:
     return round(peak_rss() / 1e6, 1)
-
-
-def release_freed_memory(mmap_threshold: int = 4 << 20) -> bool:
-    """Make glibc serve allocations ≥ ``mmap_threshold`` from their own mappings, returned to the system on free.
-
-    By default glibc raises that threshold after the first large free (up to 32 MB), so the per-layer buffers of the
-    streamed pass (one layer's weights, Hessians, activations: 1–30 MB each) land in the heap, which fragments and never
-    shrinks: RSS then creeps layer after layer. False where the C library is not glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_mmap_threshold = -3
-        return bool(libc.mallopt(m_mmap_threshold, int(mmap_threshold)))
-    except (OSError, AttributeError):
-        return False

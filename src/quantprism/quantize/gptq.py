@@ -10,14 +10,11 @@ is what runtimes that ignore ``g_idx`` (vLLM) compute.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import mmap
-import sys
 from collections.abc import Hashable, Iterator
 
 import torch
 
+from ..memory import release_pages
 from .grids import Grid, Params, QuantizedTensor
 
 
@@ -47,24 +44,6 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float, block: int = 256,
             release_pages(A, keep_bytes=4 * n * n)  # the second half is never read again: its pages go back
             return out
     raise RuntimeError("Hessian is not positive definite even with heavy dampening")
-
-
-def release_pages(t: torch.Tensor, keep_bytes: int) -> bool:
-    """Hand the whole pages of ``t``'s CPU buffer beyond its first ``keep_bytes`` back to the kernel (madvise
-    MADV_DONTNEED: the mapping stays, the memory is released; a later read would see zeros, so only for bytes never
-    read again). False where that is not possible (not Linux, not a CPU tensor)."""
-    if t.device.type != "cpu" or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return False
-    page = mmap.PAGESIZE
-    start = -(-(t.data_ptr() + keep_bytes) // page) * page
-    end = (t.data_ptr() + t.untyped_storage().nbytes()) // page * page
-    if end <= start:
-        return False
-    return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4) == 0  # 4 = MADV_DONTNEED
 
 
 def _reverse_cholesky_(A: torch.Tensor, b: int) -> bool:
