@@ -124,7 +124,7 @@ def main() -> None:
     spec = json.load(open(sys.argv[1], encoding="utf-8"))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(spec.get("threads", 2)))  # scale.py pairs it with our side's --threads
     calib_ids = {}
     tok = AutoTokenizer.from_pretrained(spec["model"])
     results = {"versions": versions(), "torch_seed": TORCH_SEED, "autoround_seed": AUTOROUND_SEED, "jobs": {}}

@@ -768,6 +768,11 @@ def _ours_child(spec: dict) -> dict:
     from quantprism.quantize.stage import Recipe
 
     torch.set_num_threads(spec["threads"])
+    try:  # as the CLI does before the pass
+        from quantprism.memory import release_freed_memory
+        release_freed_memory()
+    except ImportError:
+        pass
     info = load_model_info(spec["model"])
     kw = {}
     params = inspect.signature(run_stage).parameters
@@ -793,6 +798,11 @@ def _score_child(spec: dict) -> dict:
     from quantprism.quantize import store
 
     torch.set_num_threads(spec["threads"])
+    try:  # as the CLI does before the pass
+        from quantprism.memory import release_freed_memory
+        release_freed_memory()
+    except ImportError:
+        pass
     info = load_model_info(spec["model"])
     ev = Evaluator(info, eval_text_path(None), max_chunks=spec["eval_chunks"])
     out = {"eval_chunks": int(len(ev.chunks))}
@@ -850,7 +860,8 @@ def part_peer(args) -> dict:
             settings = peers.LLMC_SETTINGS["gptq"][0]  # llm-compressor's default (peers.py: best on dev there)
             job = {"peer": "llmcompressor", "method": "gptq", "settings": settings,
                    "name": peers.setting_name("llmcompressor", "gptq", settings), "out": str(work / "peer.safetensors")}
-            jspec = {"model": model["dir"], "calibration": str(cal), "results": str(work / "peer-results.json"), "jobs": [job]}
+            jspec = {"model": model["dir"], "calibration": str(cal), "results": str(work / "peer-results.json"), "jobs": [job],
+                     "threads": args.threads}
             (work / "jobs.json").write_text(json.dumps(jspec))
             pm = run_measured([py, str(HERE / "peers_worker.py"), str(work / "jobs.json")], work / "peer.log",
                               cwd=work, timeout=args.timeout)

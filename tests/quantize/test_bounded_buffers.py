@@ -71,14 +71,26 @@ def test_row_chunked_dequantize_is_the_whole_one(gid, monkeypatch):
     assert np.array_equal(q.dequantize(), whole)
 
 
-def test_column_blocked_xtx_accumulates_every_column(monkeypatch):
+@pytest.mark.parametrize("knob", ["bytes", "cols"])
+def test_triangular_blocked_xtx_is_the_whole_product(monkeypatch, knob):
     x = torch.randn(3, 40, 24, generator=torch.Generator().manual_seed(2))
-    monkeypatch.setattr(stats, "XTX_BLOCK_BYTES", 4 * 24 * 5)  # 5 columns a block: the last block short
+    if knob == "bytes":
+        monkeypatch.setattr(stats, "XTX_BLOCK_BYTES", 4 * 24 * 5)  # 5 columns a block: the last block short
+    else:
+        monkeypatch.setattr(stats, "XTX_BLOCK_COLS", 7)
     st = stats.InputStats(24, sample_tokens=0)
     for b in x:
         st.add(b)
     ref = sum(b.double().T @ b.double() for b in x)
-    assert torch.allclose(st.xtx, ref, rtol=1e-5, atol=1e-4)
+    # accumulated: the upper triangle, every column block of it (a skipped or short block fails)
+    assert torch.allclose(torch.triu(st.xtx), torch.triu(ref), rtol=1e-5, atol=1e-4)
+    before = st.hessian  # mirrored on a copy while accumulating
+    st.to_cpu()
+    H = st.hessian
+    assert torch.equal(H, H.T)  # the lower triangle mirrored exactly
+    assert torch.allclose(H.double(), 2 * ref / 120, rtol=1e-5, atol=1e-5)
+    assert torch.equal(before, H)
+    assert torch.allclose(st.imatrix.double(), torch.diag(ref) / 120, rtol=1e-5)
     assert st.n == 120 and st.sample == []
 
 

@@ -14,7 +14,7 @@ from collections.abc import Hashable, Iterator
 
 import torch
 
-from ..memory import release_pages
+from ..memory import narrow_to_float32_, trim_heap
 from .grids import Grid, Params, QuantizedTensor
 
 
@@ -38,11 +38,7 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float, block: int = 256,
         A.diagonal().add_(damp * (10**attempt) * mean_diag)  # = H + λI, without the identity matrix
         if _reverse_cholesky_(A, block):
             _upper_inverse_(A, block)
-            out = A.view(torch.float32).view(-1)[: n * n].view(n, n)  # the buffer's first half, as float32
-            for r0 in range(0, n, block):  # row r's float32 bytes overlap float64 rows ≤ r only: already read
-                out[r0 : r0 + block] = A[r0 : r0 + block].float()
-            release_pages(A, keep_bytes=4 * n * n)  # the second half is never read again: its pages go back
-            return out
+            return narrow_to_float32_(A, block)  # float32 in the buffer's first half; the rest goes back
     raise RuntimeError("Hessian is not positive definite even with heavy dampening")
 
 
@@ -62,7 +58,9 @@ def _reverse_cholesky_(A: torch.Tensor, b: int) -> bool:
         if k0:
             A01 = A[:k0, k0:k1]  # A01 = Ũ01·Ũ11ᵀ
             A01.copy_(torch.linalg.solve_triangular(U11.T, A01, upper=False, left=False))
-            A[:k0, :k0].addmm_(A01, A01.T, alpha=-1.0)  # A00 − Ũ01Ũ01ᵀ = Ũ00Ũ00ᵀ
+            for r0 in range(0, k0, b):  # A00 − Ũ01Ũ01ᵀ = Ũ00Ũ00ᵀ, upper triangle only (all that is read): half the flops
+                r1 = min(k0, r0 + b)
+                A[r0:r1, r0:k0].addmm_(A01[r0:r1], A01[r0:k0].T, alpha=-1.0)
     return True
 
 
@@ -74,7 +72,10 @@ def _upper_inverse_(A: torch.Tensor, b: int) -> None:
         k1 = min(n, k0 + b)
         U11 = A[k0:k1, k0:k1]
         if k0:
-            X = A[:k0, :k0] @ A[:k0, k0:k1]
+            X = torch.empty(k0, k1 - k0, dtype=A.dtype)
+            for r0 in range(0, k0, b):  # U00⁻¹ is upper: row block r meets its columns r0… only (half the flops)
+                r1 = min(k0, r0 + b)
+                torch.mm(A[r0:r1, r0:k0], A[r0:k0, k0:k1], out=X[r0:r1])
             A[:k0, k0:k1] = torch.linalg.solve_triangular(U11, X, upper=True, left=False).neg_()
         U11.copy_(torch.linalg.solve_triangular(U11, torch.eye(k1 - k0, dtype=A.dtype), upper=True))
 
@@ -98,34 +99,34 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
     ``factors`` (with ``hessian_key`` naming H): a cache of the inverse-Hessian factor, which depends only on H, the
     column order and the damping — linears that share an input (q/k/v, gate/up) and every grid of one order reuse it.
     """
-    W = W.detach().float().clone()
     N, K = W.shape
     H = H.detach().float()
     dead = torch.diag(H) == 0
     if bool(dead.any()):  # the caller's H is shared by the linears of one input: changed on a copy only
         H = H.clone()
         H[dead, dead] = 1.0
-    W[:, dead] = 0.0
     importance = torch.diag(H).clone()  # imatrix-like weighting for the group fits
     gc = grid.group_cols(K)
     n_groups = K // gc
-
-    groups: list[Params | None] = [None] * n_groups
-    perm = torch.arange(K)
-    if act_order:
-        for g in range(n_groups):  # static groups: fit on the original weights
-            groups[g] = grid.fit(W[:, g * gc : (g + 1) * gc], importance[g * gc : (g + 1) * gc], clip)
-        perm = torch.argsort(torch.diag(H), descending=True)
-    if act_order:
-        W = W[:, perm]  # the sweep's column order; the natural-order copy is not needed again
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K)
     key = (hessian_key, act_order, damp) if factors is not None and hessian_key is not None else None
     U = factors.get(key) if key is not None else None
     if U is None:
         if factors is not None:
             factors.clear()  # one factor at a time: the other column order's is recomputed rather than held
+        trim_heap()  # the factor's n² fp64 buffer is a layer's peak: first hand back the heap's free pages
         U = inverse_hessian_cholesky(H, damp, perm=perm if act_order else None)
         if key is not None:
             factors[key] = U
+
+    # the working copy of W only now: it is not held while the factor's fp64 buffer exists
+    W = W.detach().float().clone()
+    W[:, dead] = 0.0
+    groups: list[Params | None] = [None] * n_groups
+    if act_order:
+        for g in range(n_groups):  # static groups: fit on the original weights
+            groups[g] = grid.fit(W[:, g * gc : (g + 1) * gc], importance[g * gc : (g + 1) * gc], clip)
+        W = W[:, perm]  # the sweep's column order; the natural-order copy is not needed again
 
     B = gc * max(1, block // gc) if gc <= max(block, 256) else block
     if gc > B and not act_order:  # per-channel (or huge groups): fit once on the whole row range

@@ -26,6 +26,7 @@ import torch
 
 from .. import progress as pbar
 from ..errors import QuantprismError
+from ..memory import trim_heap
 from ..model.archs import ARCHS, LLAMA
 from ..model.stream import LayerStream, capture_layer_inputs, layer_forward, to_device
 from .activations import Activations
@@ -220,6 +221,7 @@ def run_canonical(model, input_ids: np.ndarray | torch.Tensor, settings: StageSe
                 if sm.offload:
                     for res in results:
                         res.drop_layer(prefix)
+            trim_heap()  # the finished layer's small buffers: without this the heap's resident free pages creep per layer
             bar.advance(1, note=f"layer {li + 1}/{n_layers}: {time.time() - t_layer:.1f} s")
         _solve_head_and_embeddings(model, hs, results, sm)
         hs.close()

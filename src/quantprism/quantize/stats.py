@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..memory import narrow_to_float32_
 from ..model.archs import LLAMA
 
 # input group → the linears reading it (Llama's; each architecture's own: model/archs.py Arch.groups)
 INPUT_GROUPS = LLAMA.input_groups
 XTX_BLOCK_BYTES = 32 << 20  # the largest float32 partial product of one batch's XᵀX
+XTX_BLOCK_COLS = 512  # column block of the triangular XᵀX accumulation (2048 wide: 5/8 of the full product's flops)
 
 
 @dataclass
@@ -38,9 +40,12 @@ class InputStats:
             self.xtx, self.absmax = self.xtx.to(x.device), self.absmax.to(x.device)
         # fp32 per batch, fp64 across batches, added in place a column block at a time: the fp32 product of a wide
         # input (in² × 4 bytes, 127 MB at 5632) is never whole
-        cols = max(1, XTX_BLOCK_BYTES // (4 * self.dim))
+        # XᵀX is symmetric: only the upper triangle is accumulated (rows ≤ each column block's last), in blocks of
+        # ≤ XTX_BLOCK_COLS columns — about half the flops; the lower triangle is mirrored once, in ``to_cpu``
+        cols = max(1, min(XTX_BLOCK_COLS, XTX_BLOCK_BYTES // (4 * self.dim)))
         for a in range(0, self.dim, cols):
-            self.xtx[:, a : a + cols] += x.T @ x[:, a : a + cols]
+            b = min(self.dim, a + cols)
+            self.xtx[:b, a:b] += x[:, :b].T @ x[:, a:b]
         self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
         self.n += x.shape[0]
         if self._kept < self.sample_tokens:
@@ -54,8 +59,11 @@ class InputStats:
         """After the layer's forward: the Hessian and imatrix are taken in float32 on the CPU (where the solvers run)
         and the float64 accumulator, a layer's largest buffer (in² × 8 bytes), is dropped."""
         n = max(1, self.n)
+        _mirror_upper_(self.xtx)
         self._imatrix = (torch.diag(self.xtx) / n).float().cpu()
-        self._hessian = self.xtx.mul_(2.0).div_(n).float().cpu()  # = (2·xtx / n) in fp64, rounded once; in place
+        h = self.xtx.mul_(2.0).div_(n)  # = (2·xtx / n) in fp64, rounded once
+        # on the CPU the float32 Hessian is written over the accumulator's first half (no second buffer at the peak)
+        self._hessian = narrow_to_float32_(h) if h.device.type == "cpu" and h.is_contiguous() else h.float().cpu()
         self.xtx = None  # type: ignore[assignment]
         self.absmax = self.absmax.cpu()
         return self
@@ -64,7 +72,7 @@ class InputStats:
     def hessian(self) -> torch.Tensor:
         if self.xtx is None:
             return self._hessian
-        return (2.0 * self.xtx / max(1, self.n)).float()
+        return (2.0 * _mirror_upper_(self.xtx.clone()) / max(1, self.n)).float()
 
     @property
     def imatrix(self) -> torch.Tensor:
@@ -75,6 +83,17 @@ class InputStats:
     @property
     def x_sample(self) -> torch.Tensor:
         return torch.cat(self.sample, 0) if self.sample else torch.zeros(0, self.dim)
+
+
+def _mirror_upper_(a: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """Copy the upper triangle of a square matrix onto its lower one, in place (a block of rows at a time)."""
+    n = a.shape[0]
+    for r0 in range(0, n, block):
+        r1 = min(n, r0 + block)
+        d = a[r0:r1, r0:r1]
+        d.copy_(torch.triu(d) + torch.triu(d, 1).T)
+        a[r1:, r0:r1] = a[r0:r1, r1:].T
+    return a
 
 
 def attach_collectors(layer: torch.nn.Module, sample_tokens: int = 4096,

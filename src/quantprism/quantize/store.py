@@ -34,8 +34,9 @@ HEAD = "head.safetensors"  # a streamed pass: what is not in the per-layer files
 META = "canonical.json"
 
 
-# bumped when the arithmetic behind the codes changes (2: in-place inverse-Hessian factor, column-blocked XᵀX)
-SOLVER_VERSION = 2
+# bumped when the arithmetic behind the codes changes (2: in-place inverse-Hessian factor, column-blocked XᵀX;
+# 3: XᵀX and the factor's updates on the upper triangle only)
+SOLVER_VERSION = 3
 
 
 def default_cache_dir() -> Path:
