@@ -757,6 +757,15 @@ def part_limit(args) -> dict:
 
 # ---------------------------------------------------------------- peer
 
+def _release_freed_memory() -> None:
+    """(child) glibc's mmap threshold as the CLI sets it before the pass (absent in commits before quantprism.memory)."""
+    try:
+        from quantprism.memory import release_freed_memory
+    except ImportError:
+        return
+    release_freed_memory()
+
+
 def _ours_child(spec: dict) -> dict:
     """(child) quantprism's canonical pass with the peer pair's recipe (peers.py's 'gptq'), timed."""
     import inspect
@@ -768,11 +777,7 @@ def _ours_child(spec: dict) -> dict:
     from quantprism.quantize.stage import Recipe
 
     torch.set_num_threads(spec["threads"])
-    try:  # as the CLI does before the pass
-        from quantprism.memory import release_freed_memory
-        release_freed_memory()
-    except ImportError:
-        pass
+    _release_freed_memory()
     info = load_model_info(spec["model"])
     kw = {}
     params = inspect.signature(run_stage).parameters
@@ -798,11 +803,7 @@ def _score_child(spec: dict) -> dict:
     from quantprism.quantize import store
 
     torch.set_num_threads(spec["threads"])
-    try:  # as the CLI does before the pass
-        from quantprism.memory import release_freed_memory
-        release_freed_memory()
-    except ImportError:
-        pass
+    _release_freed_memory()
     info = load_model_info(spec["model"])
     ev = Evaluator(info, eval_text_path(None), max_chunks=spec["eval_chunks"])
     out = {"eval_chunks": int(len(ev.chunks))}
