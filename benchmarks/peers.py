@@ -1,7 +1,13 @@
-"""Each quantprism W4G128-sym method against the peer that implements the same method, on identical inputs.
+"""Each quantprism W4 method against the peer that implements the same method, on identical inputs.
 
     python benchmarks/peers.py --out benchmarks/results/peers.json [--model DIR] [--calibration FILE] \
-        [--eval-text FILE] [--peers llmcompressor,autoround] [--autoround-iters 200] [--awq-samples 32]
+        [--eval-text FILE] [--grid int4_g128_sym_fp16] [--peers llmcompressor,autoround] [--autoround-iters 200] \
+        [--awq-samples 32] [--ours rtn,gptq,awq,awq+gptq] [--llmc rtn,gptq,awq,awq+gptq] [--threads 2] \
+        [--peer-cache DIR]
+
+``--grid``: any W4 group grid (int4_g64_sym_fp16, int4_g64_asym_fp16 …); both sides quantize on it.
+``--peer-cache DIR`` keeps each peer job's weights and record under a key of (model, calibration ids, grid, job,
+peer versions): a rerun scores the cached peer result instead of re-running it (peers take hours on a real model).
 
 Pairs (same method, same grid, same calibration token ids, lm_head fp, scored by the same evaluator):
   rtn       ↔ llm-compressor QuantizationModifier W4A16 (round-to-nearest, min-max scales)
@@ -21,6 +27,7 @@ wheel) and are never dependencies of quantprism; benchmarks/peers_worker.py runs
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -30,12 +37,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import dev_split, quality_parser  # noqa: E402
+from common import dev_split, quality_parser, settings_key  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 VENV = HERE / ".peers-venv"
 PEERS = ["torch==2.13.0+cpu", "llmcompressor==0.14.0.1", "auto-round>=0.15,<0.16"]
-GRID = "int4_g128_sym_fp16"
+GRID = "int4_g128_sym_fp16"  # default --grid
 
 # peer settings tried per method (first = the peer's default); the best on the dev split is reported
 LLMC_SETTINGS = {
@@ -75,7 +82,22 @@ def main() -> None:
     ap.add_argument("--autoround-iters", default="200", help="AutoRound iteration counts tried, comma-separated (best on dev)")
     ap.add_argument("--awq-samples", type=int, default=32, help="calibration windows for the AWQ pairs (both sides)")
     ap.add_argument("--llmc-awq-sweep", action="store_true", help="also try llm-compressor AWQ with duo_scaling='both'")
+    ap.add_argument("--grid", default=GRID, help="W4 grid id both sides quantize on (int4_g<G>_<sym|asym>_fp16)")
+    ap.add_argument("--ours", default="rtn,gptq,awq,awq+gptq", help="quantprism methods to run (rtn is always run)")
+    ap.add_argument("--llmc", default="rtn,gptq,awq,awq+gptq", help="llm-compressor methods to run")
+    ap.add_argument("--llmc-default-only", action="store_true", help="only llm-compressor's default setting per method")
+    ap.add_argument("--autoround-first", action="store_true", help="run the AutoRound jobs before llm-compressor's")
+    ap.add_argument("--autoround-extra", default="", help="extra AutoRound settings as JSON list of dicts (e.g. best)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
+    ap.add_argument("--peer-cache", type=Path, default=None, help="directory caching peer results across runs")
     args = ap.parse_args()
+    grid_id = args.grid
+    from quantprism.quantize.grids import grid_from_id
+
+    g = grid_from_id(grid_id)
+    if getattr(g, "bits", None) != 4 or g.group_size <= 0:
+        raise SystemExit(f"--grid {grid_id}: peers compare W4 group grids only")
+    grid_spec = {"group": int(g.group_size), "sym": bool(g.symmetric)}
 
     import torch
     from safetensors.torch import load_file, save_file
@@ -89,7 +111,7 @@ def main() -> None:
 
     t_all = time.time()
     load_start = [round(x, 2) for x in os.getloadavg()]
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     info = load_model_info(args.model)
     tok = load_tokenizer(info)
     calib = build_calibration(tok, args.calibration, args.samples, args.seq_len, 0)
@@ -112,7 +134,9 @@ def main() -> None:
 
     res: dict = {"model": str(info.path), "model_sha256": info.weights_sha256, "calibration": calib.record(),
                  "calibration_awq_pairs": calib_awq.record(),
-                 "scheme": "W4 g128 symmetric, decoder linears only (lm_head and embeddings fp)",
+                 "grid": grid_id,
+                 "scheme": f"W4 g{grid_spec['group']} {'symmetric' if grid_spec['sym'] else 'asymmetric'}, decoder linears "
+                           "only (lm_head and embeddings fp)", "threads": args.threads,
                  "dev_split": dev_rec, "eval": {"text": str(eval_text_path(args.eval_text)), "chunks": int(len(ev.chunks))},
                  "load_average_start": load_start,
                  "selection_rule": "every 'best' (peer settings, quantprism's best method) = lowest mean KLD on the dev "
@@ -120,56 +144,88 @@ def main() -> None:
 
     # ---- ours: every method timed on a cold cache, scored on dev and eval
     ours: dict[str, dict] = {}
-    recipes = {"rtn": Recipe(grids=(GRID,), method="rtn", clip=False),
-               "gptq": Recipe(grids=(GRID,), method="gptq"),
-               "awq": Recipe(grids=(GRID,), transform="awq", method="rtn", awq_grid=GRID),
-               "awq+gptq": Recipe(grids=(GRID,), transform="awq", method="gptq", awq_grid=GRID)}
-    todo = [(n, args.samples) for n in recipes] + ([(n, awq_n) for n in ("awq", "awq+gptq")] if awq_n else [])
+    recipes = {"rtn": Recipe(grids=(grid_id,), method="rtn", clip=False),
+               "gptq": Recipe(grids=(grid_id,), method="gptq"),
+               "awq": Recipe(grids=(grid_id,), transform="awq", method="rtn", awq_grid=grid_id),
+               "awq+gptq": Recipe(grids=(grid_id,), transform="awq", method="gptq", awq_grid=grid_id)}
+    ours_methods = ["rtn"] + [m for m in args.ours.split(",") if m and m != "rtn"]
+    todo = [(n, args.samples) for n in ours_methods] + (
+        [(n, awq_n) for n in ("awq", "awq+gptq") if n in ours_methods] if awq_n else [])
     for name, n_samples in todo:
         t0 = time.time()
         with tempfile.TemporaryDirectory() as cache:
             run = run_stage(info, [recipes[name]], args.calibration, n_samples, args.seq_len, 0,
                             sequential=name != "rtn", cache_dir=Path(cache))
-        secs = round(time.time() - t0, 1)
-        ov = canonical_overrides(run.results[0], decoder_only(GRID))
+            secs = round(time.time() - t0, 1)
+            ov = canonical_overrides(run.results[0], decoder_only(grid_id))  # read before the cache goes
         key = name if n_samples == args.samples else f"{name}@{n_samples}"
         ours[key] = {"method": OURS_DESC[name], "calibration_windows": n_samples, "seconds": secs,
                      "dev_kld": dv.evaluate(ov)["kld_mean"], **brief(ev.evaluate(ov))}
         print(f"ours {key:12s} dev {ours[key]['dev_kld']:.3e} eval {ours[key]['kld']:.3e} {secs} s", flush=True)
     rtn_kld = ours["rtn"]["kld"]
-    best = min(("gptq", "awq", "awq+gptq"), key=lambda n: ours[n]["dev_kld"])
+    best_of = [n for n in ("gptq", "awq", "awq+gptq") if n in ours]
+    best = min(best_of, key=lambda n: ours[n]["dev_kld"]) if best_of else "rtn"
 
     # ---- peers, in their own venv: all settings in one worker process, scored on dev; chosen ones on eval
     peers = [p for p in args.peers.split(",") if p]
+    llmc_methods = [m for m in args.llmc.split(",") if m]
     jobs = []
     if "llmcompressor" in peers:
         for method, settings in LLMC_SETTINGS.items():
+            if method not in llmc_methods:
+                continue
+            settings = settings[:1] if args.llmc_default_only else settings
             settings = settings + ([AWQ_SWEEP[method]] if args.llmc_awq_sweep and method in AWQ_SWEEP else [])
             jobs += [{"peer": "llmcompressor", "method": method, "settings": s,
                       **({"calibration_windows": awq_n} if awq_n and method in AWQ_SWEEP else {})} for s in settings]
     if "autoround" in peers:
         jobs += [{"peer": "autoround", "method": "signround", "settings": {"iters": int(i)}}
-                 for i in args.autoround_iters.split(",")]
+                 for i in args.autoround_iters.split(",") if i]
+        jobs += [{"peer": "autoround", "method": "signround", "settings": dict(s)}
+                 for s in (json.loads(args.autoround_extra) if args.autoround_extra else [])]
+        if args.autoround_first:
+            jobs = [j for j in jobs if j["peer"] == "autoround"] + [j for j in jobs if j["peer"] != "autoround"]
     peer_runs: dict = {}
     if jobs:
         py = ensure_venv()
+        ids_sha = {"all": hashlib.sha256(calib.input_ids.tobytes()).hexdigest(),
+                   "awq": hashlib.sha256(calib_awq.input_ids.tobytes()).hexdigest()}
+        cache = args.peer_cache
+        if cache:
+            cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as td:
             cal = Path(td) / "calib.safetensors"
             save_file({"input_ids": torch.from_numpy(calib.input_ids).to(torch.int64)}, str(cal))
             cal_awq = Path(td) / "calib-awq.safetensors"
             save_file({"input_ids": torch.from_numpy(calib_awq.input_ids).to(torch.int64)}, str(cal_awq))
+            cached: dict = {}
             for j in jobs:
                 if j.get("calibration_windows"):
                     j["calibration"] = str(cal_awq)
                 j["name"] = setting_name(j["peer"], j["method"], j["settings"])
-                j["out"] = str(Path(td) / (j["name"].replace(":", "_").replace(",", "_").replace("=", "-") + ".safetensors"))
-            spec = {"model": str(info.path), "calibration": str(cal), "results": str(Path(td) / "results.json"), "jobs": jobs}
-            (Path(td) / "jobs.json").write_text(json.dumps(spec))
-            r = subprocess.run([str(py), str(HERE / "peers_worker.py"), str(Path(td) / "jobs.json")], cwd=td,
-                               capture_output=True, text=True)
-            if not Path(spec["results"]).is_file():
-                raise SystemExit(f"peers worker failed (exit {r.returncode}): {r.stderr.strip()[-1500:]}")
-            wr = json.loads(Path(spec["results"]).read_text())
+                j["key"] = settings_key(model=info.weights_sha256, ids=ids_sha["awq" if j.get("calibration") else "all"],
+                                        grid=grid_spec, peer=j["peer"], method=j["method"], settings=j["settings"],
+                                        pins=PEERS, threads=args.threads if j["peer"] == "autoround" else None)
+                j["out"] = str((cache or Path(td)) / f"{j['key']}.safetensors")
+                if cache:
+                    j["record"] = str(cache / f"{j['key']}.json")
+                if cache and (cache / f"{j['key']}.json").is_file() and (cache / f"{j['key']}.safetensors").is_file():
+                    cached[j["name"]] = json.loads((cache / f"{j['key']}.json").read_text())
+                    cached[j["name"]]["out"] = str(cache / f"{j['key']}.safetensors")
+            run_jobs = [j for j in jobs if j["name"] not in cached]
+            wr = {"versions": None, "torch_seed": None, "autoround_seed": None, "jobs": {}}
+            if run_jobs:
+                spec = {"model": str(info.path), "calibration": str(cal), "results": str(Path(td) / "results.json"),
+                        "jobs": run_jobs, "grid": grid_spec, "threads": args.threads}
+                (Path(td) / "jobs.json").write_text(json.dumps(spec))
+                r = subprocess.run([str(py), str(HERE / "peers_worker.py"), str(Path(td) / "jobs.json")], cwd=td)
+                if not Path(spec["results"]).is_file():
+                    raise SystemExit(f"peers worker failed (exit {r.returncode})")
+                wr = json.loads(Path(spec["results"]).read_text())
+            for name, rec in cached.items():
+                wr["jobs"][name] = dict(rec, from_cache=True)
+                wr["versions"] = wr["versions"] or rec.get("versions")
+                wr["torch_seed"], wr["autoround_seed"] = rec.get("torch_seed"), rec.get("autoround_seed")
             res["peer_env"] = {"python": str(py), "versions": wr["versions"], "torch_seed": wr["torch_seed"],
                                "autoround_seed": wr["autoround_seed"]}
             for name, rec in wr["jobs"].items():
@@ -178,7 +234,7 @@ def main() -> None:
                     print(f"peer {name}: ERROR {rec['error']}", flush=True)
                     continue
                 w = load_file(rec["out"])
-                rec = {k: v for k, v in rec.items() if k not in ("out", "traceback")}
+                rec = {k: v for k, v in rec.items() if k not in ("out", "traceback", "versions")}
                 rec["dev_kld"] = dv.evaluate(w)["kld_mean"]
                 rec["_weights"] = w
                 peer_runs[name] = rec
@@ -204,6 +260,8 @@ def main() -> None:
     for method in ("rtn", "gptq", "awq", "awq+gptq"):
         peer = choose("llmcompressor", method) if "llmcompressor" in peers else None
         reduced = bool(awq_n) and method in AWQ_SWEEP
+        if method not in ours or (reduced and f"{method}@{awq_n}" not in ours):
+            continue
         o = dict(ours[f"{method}@{awq_n}" if reduced else method], kld_over_rtn=ours[method]["kld"] / rtn_kld)
         row = {"method": method, "calibration_windows": awq_n if reduced else args.samples, "ours": o,
                "same_method_peer": f"llm-compressor {ver.get('llmcompressor')} {LLMC_NAMES[method]}" if peer else None,
@@ -221,7 +279,7 @@ def main() -> None:
         ob = dict(ours[best], kld_over_rtn=ours[best]["kld"] / rtn_kld)
         row = {"method": "autoround (SignRound)", "ours": None, "same_method_peer": None,
                "note": "quantprism has no SignRound; compared with quantprism's best method (chosen on dev)",
-               "peer": dict(ar, name=f"auto-round {ver.get('auto-round')} AutoRound W4G128 sym"),
+               "peer": dict(ar, name=f"auto-round {ver.get('auto-round')} AutoRound {grid_id}"),
                "ours_best": dict(ob, name=best)}
         if "kld" in ar:
             row["ratio_ours_best_vs_peer"] = ob["kld"] / ar["kld"]
@@ -229,7 +287,7 @@ def main() -> None:
         rows.append(row)
     res["rows"] = rows
     res["ours_best"] = {"method": best, "why": "lowest dev KLD among gptq, awq, awq+gptq",
-                        "dev_kld": {n: ours[n]["dev_kld"] for n in ("gptq", "awq", "awq+gptq")},
+                        "dev_kld": {n: ours[n]["dev_kld"] for n in best_of},
                         "kld": ours[best]["kld"], "top1": ours[best]["top1"], "seconds": ours[best]["seconds"]}
     chosen_peers = {r["same_method_peer"] or r["peer"].get("name"): r["peer"] for r in rows
                     if r.get("peer") and "kld" in r["peer"] and r.get("calibration_windows", args.samples) == args.samples}
@@ -239,7 +297,7 @@ def main() -> None:
                             "why": f"lowest dev KLD among the peers' chosen settings calibrated on all {args.samples} windows",
                             "kld": chosen_peers[bp]["kld"], "dev_kld": chosen_peers[bp]["dev_kld"],
                             "ours_best_over_best_peer": ours[best]["kld"] / chosen_peers[bp]["kld"]}
-    g = next(r for r in rows if r["method"] == "gptq")
+    g = next((r for r in rows if r["method"] == "gptq"), {})
     res["headline"] = {"ours_gptq_kld_over_llmcompressor_gptq_kld": g.get("ratio_vs_same_method"),
                        "same_method_ratios": {r["method"]: r.get("ratio_vs_same_method") for r in rows if r["ours"]},
                        "ours_best_over_autoround": ar and ar.get("kld") and ours[best]["kld"] / ar["kld"]}

@@ -7,7 +7,7 @@ JOBS.json: {"model": DIR, "calibration": CALIB.safetensors, "results": OUT.json,
                       "out": WEIGHTS.safetensors, ["calibration": OTHER_CALIB.safetensors]}, ...]}
 
 Every job starts from a fresh fp32 load of the model, gets the exact calibration token ids quantprism used,
-quantizes the decoder linears W4 g128 symmetric (lm_head kept), and writes every parameter as safetensors, the
+quantizes the decoder linears on the spec's W4 grid ({"group": 128, "sym": true} by default; lm_head kept), and writes every parameter as safetensors, the
 decoder linears dequantized from the peer's codes (AWQ also rescales the norms in front of them); quantprism
 scores them with its own evaluator, so every method is scored identically. Each written weight is checked to be on a 4-bit grid (≤ 16 distinct values per 128-group).
 llm-compressor methods: rtn (QuantizationModifier), gptq (GPTQModifier), awq (AWQModifier + QuantizationModifier),
@@ -17,6 +17,8 @@ RESULTS.json gets, per job, the seconds, the settings actually used, the grid ch
 from __future__ import annotations
 
 import json
+import os
+import resource
 import sys
 import time
 import traceback
@@ -64,7 +66,7 @@ def linear_weights(model) -> dict[str, torch.Tensor]:
 
 
 def grid_check(weights: dict[str, torch.Tensor], group: int = 128) -> dict:
-    """Max distinct values in any 128-column group of any decoder linear (a 4-bit grid has ≤ 16)."""
+    """Max distinct values in any ``group``-column group of any decoder linear (a 4-bit grid has ≤ 16)."""
     worst = 0
     for w in weights.values():
         g = w.reshape(-1, group).sort(dim=1).values
@@ -73,14 +75,22 @@ def grid_check(weights: dict[str, torch.Tensor], group: int = 128) -> dict:
     return {"max_distinct_per_group": worst, "on_4bit_grid": worst <= 16, "tensors": len(weights)}
 
 
-def run_llmcompressor(model, ids: torch.Tensor, method: str, s: dict) -> dict:
+def llmc_scheme(grid: dict) -> dict:
+    """llm-compressor's targets/scheme arguments for a W4 grid: its preset for g128 sym, config groups otherwise."""
+    if grid["group"] == 128 and grid["sym"]:
+        return dict(targets="Linear", scheme="W4A16", ignore=["lm_head"])
+    weights = {"num_bits": 4, "type": "int", "symmetric": grid["sym"], "strategy": "group", "group_size": grid["group"]}
+    return dict(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"])
+
+
+def run_llmcompressor(model, ids: torch.Tensor, method: str, s: dict, grid: dict) -> dict:
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
 
-    quant = dict(targets="Linear", scheme="W4A16", ignore=["lm_head"])
+    quant = llmc_scheme(grid)
     workaround = None
     if not torch.accelerator.is_available():
         # llm-compressor 0.14's AWQ pins its cached activations (a host→device transfer optimization) and fails
@@ -106,15 +116,16 @@ def run_llmcompressor(model, ids: torch.Tensor, method: str, s: dict) -> dict:
     return {"recipe": [repr(m) for m in recipe], "workaround": workaround, "oneshot_batch_size": bs}
 
 
-def run_autoround(model, tok, ids: torch.Tensor, s: dict) -> dict:
+def run_autoround(model, tok, ids: torch.Tensor, s: dict, grid: dict) -> dict:
     from auto_round import AutoRound
 
     bs = s.get("batch_size", 8)
     loader = torch.utils.data.DataLoader([{"input_ids": row} for row in ids], batch_size=bs, shuffle=False)
-    kw = dict(bits=4, group_size=128, sym=True, iters=s["iters"], nsamples=ids.shape[0], seqlen=ids.shape[1],
+    kw = dict(bits=4, group_size=grid["group"], sym=grid["sym"], iters=s["iters"], nsamples=ids.shape[0], seqlen=ids.shape[1],
               batch_size=bs, dataset=loader, device_map="cpu", amp=False, seed=AUTOROUND_SEED)
-    if s.get("lr") is not None:
-        kw["lr"] = s["lr"]
+    for k in ("lr", "enable_minmax_tuning", "enable_alg_ext", "nblocks"):
+        if s.get(k) is not None:
+            kw[k] = s[k]
     ar = AutoRound(model, tok, **kw)
     ar.quantize()
     return {"autoround_kwargs": {k: v for k, v in kw.items() if k != "dataset"}}
@@ -125,6 +136,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(int(spec.get("threads", 2)))  # scale.py pairs it with our side's --threads
+    grid = spec.get("grid", {"group": 128, "sym": True})
     calib_ids = {}
     tok = AutoTokenizer.from_pretrained(spec["model"])
     results = {"versions": versions(), "torch_seed": TORCH_SEED, "autoround_seed": AUTOROUND_SEED, "jobs": {}}
@@ -139,14 +151,22 @@ def main() -> None:
         t0 = time.time()
         try:
             if job["peer"] == "llmcompressor":
-                rec.update(run_llmcompressor(model, ids, job["method"], job["settings"]))
+                rec.update(run_llmcompressor(model, ids, job["method"], job["settings"], grid))
             else:
-                rec.update(run_autoround(model, tok, ids, job["settings"]))
+                rec.update(run_autoround(model, tok, ids, job["settings"], grid))
             rec["seconds"] = round(time.time() - t0, 1)
+            # the worker's peak so far (jobs run one after another in this process: an upper bound for later jobs)
+            rec["peak_rss_mb_so_far"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
             w, lin = model_weights(model)
-            rec["grid_check"] = grid_check({k: w[k] for k in lin})
-            save_file(w, job["out"])
+            rec["grid_check"] = grid_check({k: w[k] for k in lin}, grid["group"])
+            save_file(w, job["out"] + ".tmp")
+            os.replace(job["out"] + ".tmp", job["out"])
             rec["out"] = job["out"]
+            if job.get("record"):  # the caller's cache: written as soon as the job is done (runs take hours)
+                full = dict(rec, versions=results["versions"], torch_seed=TORCH_SEED, autoround_seed=AUTOROUND_SEED)
+                with open(job["record"] + ".tmp", "w", encoding="utf-8") as f:
+                    json.dump(full, f, indent=1)
+                os.replace(job["record"] + ".tmp", job["record"])
         except Exception as e:  # one failing peer config must not lose the others
             rec["error"] = f"{type(e).__name__}: {e}"[:500]
             rec["traceback"] = traceback.format_exc()[-2000:]

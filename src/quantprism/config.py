@@ -53,7 +53,7 @@ TARGET_KEYS: dict[str, Any] = {
     "format": str, "runtime": str, "quant": str, "bits": int, "group_size": int, "symmetric": bool,
     "method": str, "hardware": str, "description": str, "damp": float, "clip_search": bool,
     "act_order": bool, "smoothquant_alpha": float, "imatrix": bool, "threads": int,
-    "protect": int, "max_bpw": float, "tokenizer_parity": str, "gates": dict,
+    "protect": int, "max_bpw": float, "tokenizer_parity": str, "gates": dict, "refit": bool, "tune": int,
 }
 
 
@@ -82,6 +82,8 @@ class Target:
     damp: float = 0.01
     clip_search: bool = True
     act_order: bool = True
+    refit: bool = False  # Hessian-weighted scale refit after GPTQ (int grids)
+    tune: int = 0  # epochs of block-wise output reconstruction of the int grids' scales (quality knob; ~3× the pass)
     smoothquant_alpha: float = 0.5
     imatrix: bool = True
     threads: int | None = None
@@ -243,6 +245,8 @@ def _check_combination(where: str, fmt: str, method: str, vals: dict[str, Any]) 
         raise ConfigError(f"{where} key 'bits': {bits} is out of range; use 2–8")
     if gs != -1 and (gs < 16 or gs & (gs - 1)):
         raise ConfigError(f"{where} key 'group_size': {gs} must be -1 (per channel) or a power of two ≥ 16")
+    if "tune" in vals and not 0 <= vals["tune"] <= 16:
+        raise ConfigError(f"{where} key 'tune': {vals['tune']} must be 0–16 epochs; 1 is typical")
     if "damp" in vals and not 0 < vals["damp"] < 1:
         raise ConfigError(f"{where} key 'damp': {vals['damp']} must be in (0, 1); 0.01 is typical")
     if "smoothquant_alpha" in vals and not 0 <= vals["smoothquant_alpha"] <= 1:

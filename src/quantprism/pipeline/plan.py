@@ -6,6 +6,7 @@ all recipes are solved in ONE calibration pass over the model. Results are cache
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ def _base_recipe(t: Target, info: ModelInfo | None) -> Recipe:
     return Recipe(grids=grids, transform=transform, method=method, head_grids=needs.head,
                   embed_grids=needs.embed, awq_grid=grids[0] if transform == "awq" and grids else None,
                   sq_alpha=t.smoothquant_alpha, damp=t.damp, clip=t.clip_search, act_order=t.act_order,
-                  sensitivity=mixed)
+                  sensitivity=mixed, refit=t.refit and method == "gptq", tune=t.tune if method == "gptq" else 0)
 
 
 def plan_recipes(targets: list[Target], info: ModelInfo | None = None) -> tuple[list[Recipe], dict[str, int]]:
@@ -48,15 +49,16 @@ def plan_recipes(targets: list[Target], info: ModelInfo | None = None) -> tuple[
             continue  # nothing to quantize (e.g. GGUF F16)
         for i, other in enumerate(recipes):
             same = (other.transform, other.method, other.damp, other.clip, other.act_order, other.sq_alpha,
-                    other.awq_grid) == (r.transform, r.method, r.damp, r.clip, r.act_order, r.sq_alpha, r.awq_grid)
+                    other.awq_grid, other.refit, other.tune) == (r.transform, r.method, r.damp, r.clip, r.act_order,
+                                                                 r.sq_alpha, r.awq_grid, r.refit, r.tune)
             if same:
                 def merge(a, b):
                     return tuple(dict.fromkeys(a + b))
 
-                recipes[i] = Recipe(merge(other.grids, r.grids), r.transform, r.method,
-                                    merge(other.head_grids, r.head_grids), merge(other.embed_grids, r.embed_grids),
-                                    r.awq_grid, r.sq_alpha, r.damp, r.clip, r.act_order,
-                                    other.sensitivity or r.sensitivity)
+                recipes[i] = dataclasses.replace(other, grids=merge(other.grids, r.grids),
+                                                 head_grids=merge(other.head_grids, r.head_grids),
+                                                 embed_grids=merge(other.embed_grids, r.embed_grids),
+                                                 sensitivity=other.sensitivity or r.sensitivity)
                 index[t.name] = i
                 break
         else:

@@ -30,10 +30,12 @@ from ..memory import trim_heap
 from ..model.archs import ARCHS, LLAMA
 from ..model.stream import LayerStream, capture_layer_inputs, layer_forward, to_device
 from .activations import Activations
-from .gptq import gptq_quantize
+from .gptq import fp_target_weights, gptq_quantize
 from .grids import IntGrid, QuantizedTensor, grid_from_id
-from .stats import attach_collectors
+from .refit import refit_scales
+from .stats import Pairing, attach_collectors
 from .transforms import apply_scales, awq_search, foldable, scaled_hessian, smoothquant_scales
+from .tune import tune_layer_scales
 
 TRANSFORMS = ("none", "awq", "smoothquant")
 
@@ -53,12 +55,19 @@ class Recipe:
     clip: bool = True
     act_order: bool = True  # static groups: columns in decreasing H-diagonal order, groups stay col // size
     sensitivity: bool = False  # also measure per-tensor sensitivity of the main grid (mixed precision)
+    # "fp": GPTQ's per-linear target is the fp layer's output on the fp inputs (least-squares target weights,
+    # gptq.fp_target_weights); "quantized": the fp layer's output on the quantized model's inputs (textbook)
+    target: str = "quantized"
+    refit: bool = False  # int grids: re-solve each group's scale for GPTQ's codes against the Hessian (refit.py)
+    tune: int = 0  # epochs of block-wise output reconstruction of the main int grid's scales against the fp model (tune.py)
 
     def __post_init__(self) -> None:
         if self.transform not in TRANSFORMS:
             raise QuantprismError(f"unknown transform {self.transform!r}; use one of {', '.join(TRANSFORMS)}")
         if self.method not in ("gptq", "rtn"):
             raise QuantprismError(f"unknown rounding method {self.method!r}; use gptq or rtn")
+        if self.target not in ("fp", "quantized"):
+            raise QuantprismError(f"unknown target {self.target!r}; use fp or quantized")
         if not 0 < self.damp < 1:
             raise QuantprismError(f"damp {self.damp} must be in (0, 1); 0.01 is typical")
         for g in (*self.grids, *self.head_grids, *self.embed_grids):
@@ -119,8 +128,9 @@ def _solve(W: torch.Tensor, H: torch.Tensor, imp: torch.Tensor, gid: str, r: Rec
     # k-quant super-blocks are fitted on the error-updated weights (natural order, DESIGN); int grids
     # use static-group act-order, which measured best (benchmarks/canonical_quality.py)
     act_order = r.act_order and isinstance(grid, IntGrid)
-    return gptq_quantize(W, H, grid, damp=r.damp, clip=r.clip, act_order=act_order, factors=factors,
-                         hessian_key=hessian_key)
+    q = gptq_quantize(W, H, grid, damp=r.damp, clip=r.clip, act_order=act_order, factors=factors,
+                      hessian_key=hessian_key)
+    return refit_scales(W, H, q) if r.refit else q
 
 
 ROW_CHUNK_BYTES = 16 << 20  # a large matrix (lm_head, embeddings) is solved this many float32 bytes of rows at a time
@@ -187,9 +197,13 @@ def run_canonical(model, input_ids: np.ndarray | torch.Tensor, settings: StageSe
     n_layers = len(layers)
     start = 0
 
+    # fp targets: the fp model's own hidden states travel beside the quantized model's (same tokens, same batches)
+    paired = settings.sequential and any((r.target == "fp" or r.tune) and r.method == "gptq" for r in settings.recipes)
+
     def new_acts() -> Activations:
-        half = None if sm.act_budget is None else sm.act_budget // 2  # inputs and outputs of a layer
-        return Activations(sm.act_dtype, half, sm.spill_dir)
+        # inputs and outputs of a layer (of both models when paired) share the budget
+        part = None if sm.act_budget is None else sm.act_budget // (4 if paired else 2)
+        return Activations(sm.act_dtype, part, sm.spill_dir)
 
     def materialise(module, prefix):
         return sm.stream.loaded(module, prefix) if sm.stream else contextlib.nullcontext(module)
@@ -199,6 +213,11 @@ def run_canonical(model, input_ids: np.ndarray | torch.Tensor, settings: StageSe
         with materialise(model.model.embed_tokens, "model.embed_tokens"):
             # per batch, per layer: the kwargs each layer gets (layer types differ in mask and RoPE)
             kws = to_device(capture_layer_inputs(model, ids, settings.forward_batch(ids.shape[1]), hs), dev)
+        hs_fp = None
+        if paired:
+            hs_fp = new_acts()
+            for h in hs:
+                hs_fp.append(h)
         resumed = checkpoint.load(settings.recipes) if checkpoint else None
         if resumed is not None:
             done, results, saved = resumed
@@ -208,14 +227,21 @@ def run_canonical(model, input_ids: np.ndarray | torch.Tensor, settings: StageSe
                 hs.append(h)
             del saved
             start = done + 1
-            counter["resumed_from_layer"] = done  # layers ≤ done are never run again: the stream carries them
+            counter["resumed_from_layer"] = done  # layers ≤ done are never solved again: the checkpoint carries them
+            if hs_fp is not None:  # the fp stream is not checkpointed: the fp layers re-run (a forward each)
+                for li in range(start):
+                    nxt = new_acts()
+                    with materialise(layers[li], f"model.layers.{li}") as layer:
+                        layer_forward(layer.to(dev), hs_fp, [kw[li] for kw in kws], counter, dev, nxt)
+                    hs_fp.close()
+                    hs_fp = nxt
             bar.advance(start, note=f"resumed after layer {done}")
         for li in range(start, n_layers):
             t_layer = time.time()
             prefix = f"model.layers.{li}"
             with materialise(layers[li], prefix) as layer:
-                hs = _solve_layer(layer, li, prefix, hs, [kw[li] for kw in kws], settings, results, arch, counter, dev, new_acts,
-                                  progress, n_layers, owned=sm.stream is not None)
+                hs, hs_fp = _solve_layer(layer, li, prefix, hs, [kw[li] for kw in kws], settings, results, arch, counter, dev,
+                                         new_acts, progress, n_layers, owned=sm.stream is not None, hs_fp=hs_fp)
             if checkpoint:
                 checkpoint.save(li, results, hs)
                 if sm.offload:
@@ -223,6 +249,8 @@ def run_canonical(model, input_ids: np.ndarray | torch.Tensor, settings: StageSe
                         res.drop_layer(prefix)
             trim_heap()  # the finished layer's small buffers: without this the heap's resident free pages creep per layer
             bar.advance(1, note=f"layer {li + 1}/{n_layers}: {time.time() - t_layer:.1f} s")
+        if hs_fp is not None:
+            hs_fp.close()
         _solve_head_and_embeddings(model, hs, results, sm)
         hs.close()
     for res in results:
@@ -235,17 +263,33 @@ def run_canonical(model, input_ids: np.ndarray | torch.Tensor, settings: StageSe
 
 def _solve_layer(layer, li: int, prefix: str, hs: Activations, kws: list[dict], settings: StageSettings,
                  results: list[CanonicalModel], arch, counter: dict, dev: torch.device, new_acts,
-                 progress, n_layers: int, owned: bool = False) -> Activations:
-    """Statistics, transforms and codes of one decoder layer for every recipe; returns the next layer's inputs.
+                 progress, n_layers: int, owned: bool = False,
+                 hs_fp: Activations | None = None) -> tuple[Activations, Activations | None]:
+    """Statistics, transforms and codes of one decoder layer for every recipe; returns the next layer's inputs (the
+    quantized model's, and the fp model's when ``hs_fp`` carries them for fp targets).
     ``owned``: the layer is the stream's (emptied afterwards), so it may be modified."""
     groups, linear_to_group = arch.input_groups, arch.linear_to_group
     # the token sample feeds the transform searches only (AWQ, SmoothQuant): 4096 tokens × every input width in
     # float32 is a layer's second-largest statistic, not kept when no recipe transforms
     keep = settings.sample_tokens if any(r.transform != "none" for r in settings.recipes) else 0
-    stats, handles = attach_collectors(layer, keep, groups)
+    cross = any(r.target == "fp" and r.method == "gptq" for r in settings.recipes)
+    pairing = Pairing(cross) if hs_fp is not None else None
+    stats, handles = attach_collectors(layer, keep, groups, pairing)
     fp_out = None if settings.sequential else new_acts()
+    fp_next = None
     try:
-        layer_forward(layer, hs, kws, counter, dev, fp_out)
+        if pairing is None:
+            layer_forward(layer, hs, kws, counter, dev, fp_out)
+        else:  # per batch: the fp model's inputs first (recorded), then the quantized model's (accumulated against them)
+            fp_next = new_acts()
+            counter["layer_forwards"] = counter.get("layer_forwards", 0) + 2
+            for h, hf, kw in zip(hs, hs_fp, kws, strict=True):
+                pairing.fp = True
+                r = layer(hf.to(dev, torch.float32), **kw)
+                fp_next.append(r[0] if isinstance(r, tuple) else r)
+                pairing.fp = False
+                layer(h.to(dev, torch.float32), **kw)
+            hs_fp.close()
     finally:
         for h in handles:
             h.remove()
@@ -293,6 +337,9 @@ def _solve_layer(layer, li: int, prefix: str, hs: Activations, kws: list[dict], 
                 hessians[group] = H, imp
             H, imp = hessians[group]
             W = work.get_submodule(lin).weight.detach().float()
+            G = stats[group].cross_hessian
+            if r.target == "fp" and r.method == "gptq" and G is not None:
+                W = fp_target_weights(W, H, scaled_hessian(G, scales[group]) if group in scales else G, r.damp)
             mod = f"{prefix}.{lin}"
             res.imatrix[mod] = imp.clone()
             res.quant[mod] = {gid: _solve(W, H, imp, gid, r, factors, group) for gid in r.grids
@@ -300,13 +347,22 @@ def _solve_layer(layer, li: int, prefix: str, hs: Activations, kws: list[dict], 
             if progress:
                 progress(mod, li, n_layers)
         del hessians, factors
+        if r.tune and fp_next is not None:  # every int grid of the recipe, each its own run
+            for gid in r.grids:
+                if not isinstance(grid_from_id(gid), IntGrid):
+                    continue
+                solved = {lin: res.quant[f"{prefix}.{lin}"][gid] for lin in linear_to_group
+                          if gid in res.quant[f"{prefix}.{lin}"]}
+                tuned, linfo[f"tune_{gid}"] = tune_layer_scales(work, prefix, solved, hs, fp_next, kws, epochs=r.tune)
+                for lin, qt in tuned.items():
+                    res.quant[f"{prefix}.{lin}"][gid] = qt
         res.info["layers"].append(linfo)
         if ri == settings.chain:
             chain_layer = work
     del stats
     if not settings.sequential:
         hs.close()
-        return fp_out
+        return fp_out, None
     # the chain recipe's quantized layer produces the next layer's inputs
     # ``owned``: the layer is the stream's, emptied after this call; a transformed copy is ours too — either can take
     # the quantized weights in place instead of a deep copy (a whole fp32 layer less at peak)
@@ -319,7 +375,7 @@ def _solve_layer(layer, li: int, prefix: str, hs: Activations, kws: list[dict], 
     out = new_acts()
     layer_forward(q_layer.to(dev), hs, kws, counter, dev, out)
     hs.close()
-    return out
+    return out, fp_next
 
 
 def _solve_head_and_embeddings(model, hs: Activations, results: list[CanonicalModel], sm: Streaming) -> None:

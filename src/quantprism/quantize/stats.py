@@ -29,13 +29,25 @@ class InputStats:
     n: int = 0
     sample: list[torch.Tensor] = field(default_factory=list)
     _kept: int = 0
+    cross: bool = False  # also accumulate X̃ᵀX: these inputs against the fp model's inputs (fp targets)
+    xc: torch.Tensor | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.xtx = torch.zeros(self.dim, self.dim, dtype=torch.float64)
         self.absmax = torch.zeros(self.dim)
+        if self.cross:
+            self.xc = torch.zeros(self.dim, self.dim, dtype=torch.float64)
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
+        if self.cross:
+            if x_fp is None:
+                raise ValueError("cross statistics need the fp model's inputs of the same tokens")
+            xf = x_fp.reshape(-1, x_fp.shape[-1]).float().to(x.device)
+            self.xc = self.xc.to(x.device)
+            cols = max(1, min(XTX_BLOCK_COLS, XTX_BLOCK_BYTES // (4 * self.dim)))
+            for a in range(0, self.dim, cols):
+                self.xc[:, a : a + cols] += x.T @ xf[:, a : a + cols]
         if self.xtx.device != x.device:  # accumulate where the layer runs (a GPU with --device cuda)
             self.xtx, self.absmax = self.xtx.to(x.device), self.absmax.to(x.device)
         # fp32 per batch, fp64 across batches, added in place a column block at a time: the fp32 product of a wide
@@ -65,8 +77,16 @@ class InputStats:
         # on the CPU the float32 Hessian is written over the accumulator's first half (no second buffer at the peak)
         self._hessian = narrow_to_float32_(h) if h.device.type == "cpu" and h.is_contiguous() else h.float().cpu()
         self.xtx = None  # type: ignore[assignment]
+        if self.xc is not None:
+            self._cross = (self.xc.mul_(2.0).div_(n)).float().cpu()  # on the Hessian's scale: 2·X̃ᵀX/n
+            self.xc = None
         self.absmax = self.absmax.cpu()
         return self
+
+    @property
+    def cross_hessian(self) -> torch.Tensor | None:
+        """2·X̃ᵀX/n (quantized-model inputs × fp-model inputs), when collected."""
+        return getattr(self, "_cross", None)
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -96,19 +116,37 @@ def _mirror_upper_(a: torch.Tensor, block: int = 512) -> torch.Tensor:
     return a
 
 
+class Pairing:
+    """Switch for a pass that also runs the fp model's inputs through the layer: while ``fp`` is set a forward adds
+    nothing to the statistics (with ``cross`` it records each group's input, and the next forward on the quantized
+    model's inputs of the same tokens accumulates X̃ᵀX against them)."""
+
+    def __init__(self, cross: bool = True) -> None:
+        self.fp = False
+        self.cross = cross
+        self.ref: dict[str, torch.Tensor] = {}
+
+
 def attach_collectors(layer: torch.nn.Module, sample_tokens: int = 4096,
-                      groups: dict[str, tuple[str, ...]] | None = None) -> tuple[dict[str, InputStats], list]:
+                      groups: dict[str, tuple[str, ...]] | None = None,
+                      pairing: Pairing | None = None) -> tuple[dict[str, InputStats], list]:
     """Forward pre-hooks on the first linear of each input group (the architecture's ``groups``, Llama's by
-    default); returns (stats, hook handles)."""
+    default); returns (stats, hook handles). ``pairing``: also collect X̃ᵀX against the fp model's inputs."""
     stats: dict[str, InputStats] = {}
     handles = []
     for group, lins in (groups or INPUT_GROUPS).items():
         mod = layer.get_submodule(lins[0])
-        st = InputStats(mod.in_features, sample_tokens)
+        st = InputStats(mod.in_features, sample_tokens, cross=pairing is not None and pairing.cross)
         stats[group] = st
 
-        def hook(_m, args, st=st):
-            st.add(args[0].detach())
+        def hook(_m, args, st=st, group=group):
+            if pairing is None or not (pairing.fp or pairing.cross):
+                st.add(args[0].detach())
+            elif pairing.fp:
+                if pairing.cross:
+                    pairing.ref[group] = args[0].detach()
+            else:
+                st.add(args[0].detach(), pairing.ref.pop(group))
 
         handles.append(mod.register_forward_pre_hook(hook))
     return stats, handles

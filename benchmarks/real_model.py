@@ -1,0 +1,154 @@
+"""Quality per byte on a real pretrained model: ours against llm-compressor, AutoRound, llama.cpp+imatrix and ORT.
+
+    python benchmarks/real_model.py --out benchmarks/results/real_model.json [--model DIR] \
+        [--parts w4,gguf,onnx] [--grids int4_g64_sym_fp16,int4_g64_asym_fp16,int4_g128_sym_fp16] [--threads 1] \
+        [--peer-cache DIR] [--work DIR]
+
+The model defaults to SmolLM2-135M-Instruct built by scripts/real_model.py (built here when missing). Each part
+runs the benchmark that owns its comparison, on that model, in a child process, and its JSON is kept whole under
+``parts``; the summary rows put every method and format side by side (KLD, top-1, bytes, seconds, peak RSS):
+- w4: benchmarks/peers.py once per W4 grid (same calibration ids, same evaluator, peers' settings chosen on dev);
+  a grid whose groups do not tile the model's linears (g128 on 576-wide inputs) is recorded as not applicable;
+- gguf: benchmarks/gguf_vs_llamacpp.py for Q4_K_M and Q5_K_M, all scored in llama.cpp;
+- onnx: benchmarks/onnx_vs_ort.py (INT8 and INT4, ours vs every ORT quantizer setting on the same graph).
+Goals (issue 16): W4 ≤ 0.9× the best peer; GGUF ≤ 0.75× llama.cpp+imatrix; ONNX ≤ 0.8× the best ORT setting;
+the canonical pass ≤ 0.25× AutoRound's wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+GRIDS = ("int4_g64_sym_fp16", "int4_g64_asym_fp16", "int4_g128_sym_fp16")
+
+
+def child(cmd: list[str], log: Path) -> dict:
+    """Run one part; its wall time and peak RSS (the child's own, from wait4)."""
+    t0 = time.time()
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        _, status, ru = os.wait4(p.pid, 0)
+    rc = os.waitstatus_to_exitcode(status)
+    return {"cmd": " ".join(cmd), "rc": rc, "seconds": round(time.time() - t0, 1),
+            "peak_rss_mb": round(ru.ru_maxrss / 1024, 1), "log": str(log)}
+
+
+def grid_tiles(model_dir: Path, gid: str) -> tuple[bool, str]:
+    from quantprism.model import load_model_info
+    from quantprism.quantize.grids import grid_from_id
+
+    info = load_model_info(model_dir)
+    g = grid_from_id(gid)
+    widths = sorted({t.shape[-1] for t in info.tensors.values() if t.name.startswith("model.layers.")
+                     and t.name.endswith("proj.weight")})
+    bad = [k for k in widths if k % g.group_size]
+    return (not bad, f"input widths {widths}: {bad} not a multiple of {g.group_size}" if bad else "")
+
+
+def w4_rows(name: str, r: dict) -> list[dict]:
+    rows = []
+    for row in r.get("rows", []):
+        if row.get("ours"):
+            o = row["ours"]
+            rows.append({"part": name, "who": "quantprism", "method": row["method"], "kld": o["kld"], "top1": o["top1"],
+                         "seconds": o["seconds"]})
+        p = row.get("peer")
+        if p and "kld" in p:
+            rows.append({"part": name, "who": p.get("name") or row["same_method_peer"], "method": p["setting"],
+                         "kld": p["kld"], "top1": p["top1"], "seconds": p["seconds"]})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--parts", default="w4,gguf,onnx")
+    ap.add_argument("--grids", default=",".join(GRIDS))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--peer-cache", type=Path, default=HERE / ".work" / "peer-cache")
+    ap.add_argument("--work", type=Path, default=HERE / ".work" / "real_model")
+    ap.add_argument("--peers-args", default="", help="extra arguments for peers.py (e.g. --autoround-iters 200,1000)")
+    args = ap.parse_args()
+    py = sys.executable
+    model = args.model
+    if model is None:
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from real_model import DEFAULT_OUT, RECORD_NAME
+
+        model = DEFAULT_OUT
+        if not (model / RECORD_NAME).is_file():
+            subprocess.run([py, str(ROOT / "scripts" / "real_model.py"), "--out", str(model)], check=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    record_file = model / "quantprism-real-model.json"
+    res: dict = {"model": str(model), "model_record": json.loads(record_file.read_text()) if record_file.is_file() else None,
+                 "threads": args.threads, "parts": {}, "runs": {}}
+    prev = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    res["parts"].update(prev.get("parts", {}))
+    res["runs"].update(prev.get("runs", {}))
+    parts = [p for p in args.parts.split(",") if p]
+    th = ["--threads", str(args.threads)]
+    if "w4" in parts:
+        for gid in args.grids.split(","):
+            ok, why = grid_tiles(model, gid)
+            key = f"w4:{gid}"
+            if not ok:
+                res["parts"][key] = {"not_applicable": why}
+                continue
+            out = args.work / f"peers-{gid}.json"
+            res["runs"][key] = child([py, str(HERE / "peers.py"), "--model", str(model), "--grid", gid, *th,
+                                      "--peer-cache", str(args.peer_cache), "--out", str(out),
+                                      *args.peers_args.split()], args.work / f"peers-{gid}.log")
+            if out.is_file():
+                res["parts"][key] = json.loads(out.read_text())
+    if "gguf" in parts:
+        out = args.work / "gguf.json"
+        res["runs"]["gguf"] = child([py, str(HERE / "gguf_vs_llamacpp.py"), "--model", str(model), *th,
+                                     "--file-types", "Q4_K_M,Q5_K_M", "--work", str(args.work / "gguf"), "--out", str(out)],
+                                    args.work / "gguf.log")
+        if out.is_file():
+            res["parts"]["gguf"] = json.loads(out.read_text())
+    if "onnx" in parts:
+        out = args.work / "onnx.json"
+        res["runs"]["onnx"] = child([py, str(HERE / "onnx_vs_ort.py"), "--model", str(model), *th,
+                                     "--work", str(args.work / "onnx"), "--out", str(out)], args.work / "onnx.log")
+        if out.is_file():
+            res["parts"]["onnx"] = json.loads(out.read_text())
+    res["summary"] = summarise(res["parts"])
+    res["self_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps(res["summary"], indent=1))
+
+
+def summarise(parts: dict) -> dict:
+    s: dict = {}
+    for key, r in parts.items():
+        if key.startswith("w4:") and "rows" in r:
+            best = r.get("best_peer") or {}
+            s[key] = {"ours_best": r.get("ours_best"), "best_peer": best,
+                      "ratio_ours_over_best_peer": best.get("ours_best_over_best_peer"), "goal": 0.9,
+                      "rows": w4_rows(key, r)}
+        elif key.startswith("w4:"):
+            s[key] = r
+    g = parts.get("gguf")
+    if g:
+        s["gguf"] = {ft: {k: g[ft][k] for k in ("ours_kld", "llamacpp_imatrix_kld", "kld_ratio_vs_llamacpp_imatrix",
+                                               "ours_bytes", "llamacpp_imatrix_bytes", "goal_met") if k in g[ft]}
+                     for ft in ("Q4_K_M", "Q5_K_M") if ft in g}
+    o = parts.get("onnx")
+    if o:
+        s["onnx"] = {"goals": o.get("goals"), "int8": o.get("int8"), "int4": o.get("int4")}
+    return s
+
+
+if __name__ == "__main__":
+    main()
