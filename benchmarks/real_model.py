@@ -77,6 +77,8 @@ def main() -> None:
     ap.add_argument("--peer-cache", type=Path, default=HERE / ".work" / "peer-cache")
     ap.add_argument("--work", type=Path, default=HERE / ".work" / "real_model")
     ap.add_argument("--peers-args", default="", help="extra arguments for peers.py (e.g. --autoround-iters 200,1000)")
+    ap.add_argument("--collect", action="store_true",
+                    help="run nothing: assemble the parts' JSON files already under --work (parts run separately)")
     args = ap.parse_args()
     py = sys.executable
     model = args.model
@@ -95,6 +97,16 @@ def main() -> None:
     res["parts"].update(prev.get("parts", {}))
     res["runs"].update(prev.get("runs", {}))
     parts = [p for p in args.parts.split(",") if p]
+    if args.collect:
+        for f in sorted(args.work.glob("*.json")):
+            key = f"w4:{f.stem.removeprefix('peers-')}" if f.stem.startswith("peers-") else f.stem
+            res["parts"][key] = json.loads(f.read_text())
+            res["runs"].setdefault(key, {"log": str(f.with_suffix(".log")), "collected": True})
+        for gid in args.grids.split(","):
+            ok, why = grid_tiles(model, gid)
+            if not ok:
+                res["parts"][f"w4:{gid}"] = {"not_applicable": why}
+        parts = []
     th = ["--threads", str(args.threads)]
     if "w4" in parts:
         for gid in args.grids.split(","):
