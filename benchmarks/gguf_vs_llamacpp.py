@@ -56,7 +56,13 @@ def main() -> None:
     targets = [Target(name=f"ours-{ft}", format="gguf", runtime="llamacpp", quant=ft, method=args.method)
                for ft in file_types]
     recipes, index = plan_recipes(targets, info)
-    run = run_stage(info, recipes, args.calibration, args.samples, args.seq_len, 0, cache_dir=args.cache_dir)
+    import logging
+
+    from quantprism import progress as pbar
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    with pbar.reporting(pbar.LogReporter()):  # one line per layer group: a real model's pass takes many minutes
+        run = run_stage(info, recipes, args.calibration, args.samples, args.seq_len, 0, cache_dir=args.cache_dir)
     secs["canonical_stage"] = round(time.time() - t0, 1)
     model = load_torch_model(info)
     t0 = time.time()

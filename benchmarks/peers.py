@@ -100,9 +100,12 @@ def main() -> None:
         raise SystemExit(f"--grid {grid_id}: peers compare W4 group grids only")
     grid_spec = {"group": int(g.group_size), "sym": bool(g.symmetric)}
 
+    import logging
+
     import torch
     from safetensors.torch import load_file, save_file
 
+    from quantprism import progress as pbar
     from quantprism.calibration import build_calibration, eval_text_path
     from quantprism.evaluate.canonical import Evaluator, canonical_overrides, decoder_only
     from quantprism.evaluate.compare import base_logprobs, torch_logits_fn
@@ -110,6 +113,7 @@ def main() -> None:
     from quantprism.pipeline import run_stage
     from quantprism.quantize.stage import Recipe
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # the pass's progress lines
     t_all = time.time()
     load_start = [round(x, 2) for x in os.getloadavg()]
     torch.set_num_threads(args.threads)
@@ -155,7 +159,7 @@ def main() -> None:
         [(n, awq_n) for n in ("awq", "awq+gptq") if n in ours_methods] if awq_n else [])
     for name, n_samples in todo:
         t0 = time.time()
-        with tempfile.TemporaryDirectory() as cache:
+        with tempfile.TemporaryDirectory() as cache, pbar.reporting(pbar.LogReporter()):
             run = run_stage(info, [recipes[name]], args.calibration, n_samples, args.seq_len, 0,
                             sequential=name != "rtn", cache_dir=Path(cache))
             secs = round(time.time() - t0, 1)
