@@ -156,6 +156,10 @@ def summarise(parts: dict) -> dict:
         s["gguf"] = {ft: {k: g[ft][k] for k in ("ours_kld", "llamacpp_imatrix_kld", "kld_ratio_vs_llamacpp_imatrix",
                                                "ours_bytes", "llamacpp_imatrix_bytes", "goal_met") if k in g[ft]}
                      for ft in ("Q4_K_M", "Q5_K_M") if ft in g}
+    x = parts.get("experiments")  # technique experiments (which won, which lost), same evaluator as peers.py
+    if x:
+        s["techniques_w4_g64_sym"] = [{"variant": r["variant"], "kld": r["kld"], "top1": r["top1"], "ppl_ratio": r["ppl_ratio"],
+                                       "seconds": r["secs"]} for r in x["rows"]]
     o = parts.get("onnx")
     if o:
         s["onnx"] = {"goals": o.get("goals"), "int8": o.get("int8"), "int4": o.get("int4")}
