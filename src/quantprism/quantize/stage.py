@@ -59,7 +59,7 @@ class Recipe:
     # gptq.fp_target_weights); "quantized": the fp layer's output on the quantized model's inputs (textbook)
     target: str = "quantized"
     refit: bool = False  # int grids: re-solve each group's scale for GPTQ's codes against the Hessian (refit.py)
-    tune: int = 0  # epochs of block-wise output reconstruction of the main int grid's scales against the fp model (tune.py)
+    tune: int = 0  # epochs of block-wise output reconstruction of every int grid's scales against the fp model (tune.py)
 
     def __post_init__(self) -> None:
         if self.transform not in TRANSFORMS:
@@ -353,7 +353,7 @@ def _solve_layer(layer, li: int, prefix: str, hs: Activations, kws: list[dict], 
                     continue
                 solved = {lin: res.quant[f"{prefix}.{lin}"][gid] for lin in linear_to_group
                           if gid in res.quant[f"{prefix}.{lin}"]}
-                tuned, linfo[f"tune_{gid}"] = tune_layer_scales(work, prefix, solved, hs, fp_next, kws, epochs=r.tune)
+                tuned, linfo[f"tune_{gid}"] = tune_layer_scales(work, solved, hs, fp_next, kws, epochs=r.tune)
                 for lin, qt in tuned.items():
                     res.quant[f"{prefix}.{lin}"][gid] = qt
         res.info["layers"].append(linfo)

@@ -39,7 +39,7 @@ def _plain_kw(kw: dict) -> dict:
     return out
 
 
-def tune_layer_scales(layer: torch.nn.Module, prefix: str, quant: dict[str, QuantizedTensor], inputs, targets,
+def tune_layer_scales(layer: torch.nn.Module, quant: dict[str, QuantizedTensor], inputs, targets,
                       kws: list[dict], epochs: int = 1, lr: float = 1e-3) -> tuple[dict[str, QuantizedTensor], dict]:
     """``quant``: {linear name inside the layer: its solved int-grid result}; ``inputs``/``targets``: the quantized
     model's layer inputs and the fp model's layer outputs, batch by batch. Returns the results with tuned scales (or
