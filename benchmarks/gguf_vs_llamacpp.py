@@ -10,6 +10,10 @@ llamacpp_imatrix = the same with the importance matrix llama-imatrix would compu
 channel of the ORIGINAL model on the same calibration set), passed via params.imatrix. The base of
 every KLD is the F16 GGUF's logits in llama.cpp (llama-perplexity --kl-divergence-base semantics);
 its own distance from the torch original is reported as f16_vs_original.
+autoround = AutoRound's own GGUF export (``--format gguf:q4_k_m`` …) on the same calibration ids, run in the peers
+virtualenv by benchmarks/autoround_gguf.py at each ``--autoround-iters`` (default 0: the optimized-RTN mode its
+README recommends for GGUF; 200 = its SignRound default, hours per file on one core); each file is kept under
+``--work`` with its record and reused while model, calibration ids, settings and peer pins are unchanged.
 """
 from __future__ import annotations
 
@@ -19,11 +23,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import quality_parser  # noqa: E402
+from common import quality_parser, settings_key  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FILE_TYPES = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q6_K", "Q8_0", "Q4_0", "IQ4_XS")
-GOAL_TYPES = ("Q4_K_M", "Q5_K_M")  # ≤ 0.75× llama.cpp+imatrix at equal size (issue 16 keeps this bar)
+GOAL_TYPES = ("Q4_K_M", "Q5_K_M")  # ≤ 0.75× llama.cpp+imatrix and ≤ 0.9× AutoRound's GGUF at equal size (issue 16)
 
 
 def main() -> None:
@@ -34,6 +38,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".work" / "gguf", help="where the GGUFs go")
     ap.add_argument("--cache-dir", type=Path, default=None)
     ap.add_argument("--file-types", default=",".join(FILE_TYPES), help="comma-separated GGUF file types")
+    ap.add_argument("--autoround-iters", default="0",
+                    help="AutoRound GGUF exports to compare, one per iteration count (comma-separated; '' = none)")
     args = ap.parse_args()
     file_types = tuple(args.file_types.split(","))
 
@@ -85,6 +91,12 @@ def main() -> None:
         files[ft]["llamacpp_imatrix"] = quantize(f16, args.work / f"llamacpp-imatrix-{ft}.gguf", ft,
                                                  gguf_imatrix(imat), args.threads)
     secs["llamacpp_quantize"] = round(time.time() - t0, 1)
+    peer_records: dict[str, dict] = {}
+    for it in [int(i) for i in args.autoround_iters.split(",") if i]:
+        for ft in file_types:
+            path, rec = autoround_gguf(info, run.calibration.input_ids, ft, it, args.threads, args.work)
+            files[ft][f"autoround_i{it}"] = path
+            peer_records[f"{ft}/autoround_i{it}"] = rec
 
     t0 = time.time()
     chunks = eval_token_chunks(load_tokenizer(info), eval_text_path(args.eval_text), 512, args.eval_chunks or None)
@@ -97,6 +109,7 @@ def main() -> None:
         sess.close()
 
     def measure(path: Path) -> dict:
+        logging.info("scoring %s in llama.cpp", path.name)
         s = open_session(path, n_ctx=512, threads=args.threads)
         try:
             summary, _ = compare(chunks, base, s.logits)
@@ -109,6 +122,7 @@ def main() -> None:
         "eval_tokens_scored": int(f16_vs_original["n_tokens"]), "threads": args.threads,
         "f16_vs_original": {k: f16_vs_original[k] for k in ("kld_mean", "top1_agreement", "ppl_ratio")},
         "f16_bytes": f16.stat().st_size, "llama_cpp_python": _version("llama_cpp_python"),
+        "autoround_runs": peer_records,
     }
     for ft in file_types:
         m = {k: measure(p) for k, p in files[ft].items()}
@@ -122,8 +136,14 @@ def main() -> None:
         }
         r["kld_ratio_vs_llamacpp_imatrix"] = r["ours_kld"] / r["llamacpp_imatrix_kld"]
         r["size_ratio_vs_llamacpp"] = r["ours_bytes"] / r["llamacpp_imatrix_bytes"]
+        for k in (k for k in m if k.startswith("autoround")):
+            r[f"{k}_kld"], r[f"{k}_bytes"] = m[k]["kld_mean"], size[k]
+            r[f"{k}_top1"] = m[k]["top1_agreement"]
+            r[f"kld_ratio_vs_{k}"] = r["ours_kld"] / m[k]["kld_mean"]
         if ft in GOAL_TYPES:
-            r["goal_met"] = bool(r["kld_ratio_vs_llamacpp_imatrix"] <= 0.75 and abs(r["size_ratio_vs_llamacpp"] - 1) <= 0.02)
+            ar = [r[k] for k in r if k.startswith("kld_ratio_vs_autoround")]
+            r["goal_met"] = bool(r["kld_ratio_vs_llamacpp_imatrix"] <= 0.75 and abs(r["size_ratio_vs_llamacpp"] - 1) <= 0.02
+                                 and all(x <= 0.9 for x in ar))
         r["details"] = {k: {s: v[s] for s in ("kld_mean", "kld_p99", "top1_agreement", "ppl", "ppl_ratio")}
                         for k, v in m.items()}
         out[ft] = r
@@ -136,7 +156,36 @@ def main() -> None:
         goal = "" if "goal_met" not in r else f" — goal {'met' if r['goal_met'] else 'MISSED'}"
         print(f"{ft}: ours {r['ours_kld']:.6f} ({r['ours_bytes']} B) vs llama.cpp {r['llamacpp_kld']:.6f}, "
               f"+imatrix {r['llamacpp_imatrix_kld']:.6f} ({r['llamacpp_imatrix_bytes']} B): "
-              f"{r['kld_ratio_vs_llamacpp_imatrix']:.3f}×{goal}")
+              f"{r['kld_ratio_vs_llamacpp_imatrix']:.3f}×"
+              + "".join(f", {k[13:]} {v:.3f}×" for k, v in r.items() if k.startswith("kld_ratio_vs_autoround")) + goal)
+
+
+def autoround_gguf(info, ids, file_type: str, iters: int, threads: int, work: Path) -> tuple[Path, dict]:
+    """AutoRound's GGUF of ``file_type`` from the same calibration ids (benchmarks/autoround_gguf.py in the peers
+    venv); reused from ``work`` while its inputs are unchanged."""
+    import hashlib
+    import subprocess
+    import tempfile
+
+    from peers import PEERS, PEERS_GGUF, ensure_venv
+    from safetensors.numpy import save_file
+
+    key = settings_key(model=info.weights_sha256, ids=hashlib.sha256(ids.tobytes()).hexdigest(), file_type=file_type,
+                       iters=iters, threads=threads, pins=PEERS + PEERS_GGUF)
+    out, record = work / f"autoround-i{iters}-{file_type}-{key}.gguf", work / f"autoround-i{iters}-{file_type}-{key}.json"
+    if out.is_file() and record.is_file():
+        return out, dict(json.loads(record.read_text()), from_cache=True)
+    py = ensure_venv(gguf=True)
+    with tempfile.TemporaryDirectory() as td:
+        cal = Path(td) / "calib.safetensors"
+        save_file({"input_ids": ids.astype("int64")}, str(cal))
+        spec = Path(td) / "spec.json"
+        spec.write_text(json.dumps({"model": str(info.path), "calibration": str(cal), "file_type": file_type, "iters": iters,
+                                    "threads": threads, "out": str(out.resolve()), "record": str(record.resolve())}))
+        r = subprocess.run([str(py), str(Path(__file__).resolve().parent / "autoround_gguf.py"), str(spec)], cwd=td)
+    if r.returncode != 0 or not record.is_file():
+        raise SystemExit(f"AutoRound GGUF export {file_type} iters={iters} failed (exit {r.returncode})")
+    return out, json.loads(record.read_text())
 
 
 def _version(pkg: str) -> str | None:

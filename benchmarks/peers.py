@@ -42,6 +42,7 @@ from common import dev_split, quality_parser, settings_key  # noqa: E402
 HERE = Path(__file__).resolve().parent
 VENV = HERE / ".peers-venv"
 PEERS = ["torch==2.13.0+cpu", "llmcompressor==0.14.0.1", "auto-round>=0.15,<0.16"]
+PEERS_GGUF = ["gguf==0.19.0", "sentencepiece"]  # AutoRound's GGUF converter imports them; kept out of PEERS (cache keys)
 GRID = "int4_g128_sym_fp16"  # default --grid
 
 # peer settings tried per method (first = the peer's default); the best on the dev split is reported
@@ -62,7 +63,8 @@ OURS_DESC = {"rtn": "RTN, no clip search (textbook)",
              "awq+gptq": "AWQ scales searched with GPTQ in the loop + GPTQ (as gptq)"}
 
 
-def ensure_venv() -> Path:
+def ensure_venv(gguf: bool = False) -> Path:
+    """The peers' virtualenv; ``gguf``: also what AutoRound's GGUF export imports (benchmarks/autoround_gguf.py)."""
     py = VENV / "bin" / "python"
     if not py.exists():
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
@@ -70,7 +72,30 @@ def ensure_venv() -> Path:
     if probe.returncode != 0:
         subprocess.run([str(py), "-m", "pip", "install", "-q", "torch==2.13.0+cpu"], check=True)
         subprocess.run([str(py), "-m", "pip", "install", "-q", *PEERS], check=True)
+    if gguf and subprocess.run([str(py), "-c", "import gguf, sentencepiece"], capture_output=True).returncode != 0:
+        subprocess.run([str(py), "-m", "pip", "install", "-q", *PEERS_GGUF], check=True)
     return py
+
+
+def reused_ours(path: Path, res: dict) -> dict[str, dict]:
+    """quantprism's rows of a previous result on identical inputs (model, calibration, grid, dev split, eval text,
+    threads): the canonical stage is deterministic, so re-running them would only repeat the same numbers."""
+    prev = json.loads(path.read_text())
+    same = {"model_sha256": prev.get("model_sha256") == res["model_sha256"],
+            "calibration": prev.get("calibration", {}).get("sha256") == res["calibration"]["sha256"],
+            "grid": prev.get("grid") == res["grid"], "dev_split": prev.get("dev_split") == res["dev_split"],
+            "eval": prev.get("eval") == res["eval"], "threads": prev.get("threads") == res["threads"]}
+    if not all(same.values()):
+        raise SystemExit(f"--reuse-ours {path}: inputs differ ({', '.join(k for k, v in same.items() if not v)})")
+    if "ours" in prev:
+        return prev["ours"]
+    out = {}
+    for r in prev.get("rows", []):
+        if r.get("ours"):
+            n = r["method"] if r.get("calibration_windows", res["calibration"]["samples"]) == res["calibration"]["samples"] \
+                else f"{r['method']}@{r['calibration_windows']}"
+            out[n] = {k: v for k, v in r["ours"].items() if k != "kld_over_rtn"}
+    return out
 
 
 def setting_name(peer: str, method: str, s: dict) -> str:
@@ -91,6 +116,8 @@ def main() -> None:
     ap.add_argument("--autoround-extra", default="", help="extra AutoRound settings as JSON list of dicts (e.g. best)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
     ap.add_argument("--peer-cache", type=Path, default=None, help="directory caching peer results across runs")
+    ap.add_argument("--reuse-ours", type=Path, default=None,
+                    help="a previous result of this script on identical inputs: its quantprism rows are reused, not re-run")
     args = ap.parse_args()
     grid_id = args.grid
     from quantprism.quantize.grids import grid_from_id
@@ -157,6 +184,10 @@ def main() -> None:
     ours_methods = ["rtn"] + [m for m in args.ours.split(",") if m and m != "rtn"]
     todo = [(n, args.samples) for n in ours_methods] + (
         [(n, awq_n) for n in ("awq", "awq+gptq") if n in ours_methods] if awq_n else [])
+    if args.reuse_ours:
+        ours.update(reused_ours(args.reuse_ours, res))
+        res["ours_reused_from"] = {"file": str(args.reuse_ours), "methods": sorted(ours)}
+        todo = [(n, k) for n, k in todo if (n if k == args.samples else f"{n}@{k}") not in ours]
     for name, n_samples in todo:
         t0 = time.time()
         with tempfile.TemporaryDirectory() as cache, pbar.reporting(pbar.LogReporter()):
@@ -266,17 +297,19 @@ def main() -> None:
     for method in ("rtn", "gptq", "awq", "awq+gptq"):
         peer = choose("llmcompressor", method) if "llmcompressor" in peers else None
         reduced = bool(awq_n) and method in AWQ_SWEEP
-        if method not in ours or (reduced and f"{method}@{awq_n}" not in ours):
+        okey = f"{method}@{awq_n}" if reduced else method
+        if okey not in ours and not peer:
             continue
-        o = dict(ours[f"{method}@{awq_n}" if reduced else method], kld_over_rtn=ours[method]["kld"] / rtn_kld)
+        # a peer that ran is scored and listed even where ours did not run the same method (it may be the best peer)
+        o = dict(ours[okey], kld_over_rtn=ours[okey]["kld"] / rtn_kld) if okey in ours else None
         row = {"method": method, "calibration_windows": awq_n if reduced else args.samples, "ours": o,
                "same_method_peer": f"llm-compressor {ver.get('llmcompressor')} {LLMC_NAMES[method]}" if peer else None,
                "peer": peer}
         if reduced:
             row["note"] = (f"reduced configuration: both sides calibrated on the same {awq_n} windows (llm-compressor's AWQ "
                            "grid search is too slow here for 128); kld_over_rtn divides by RTN at full calibration")
-            row["ours_at_full_calibration"] = ours[method]
-        if peer and "kld" in peer:
+            row["ours_at_full_calibration"] = ours.get(method)
+        if o and peer and "kld" in peer:
             row["ratio_vs_same_method"] = o["kld"] / peer["kld"]  # ours KLD ÷ peer KLD (eval text); < 1 = ours better
             row["dev_ratio_vs_same_method"] = o["dev_kld"] / peer["dev_kld"]
         rows.append(row)
@@ -312,6 +345,7 @@ def main() -> None:
                        "same_method_ratios": {r["method"]: r.get("ratio_vs_same_method") for r in rows if r["ours"]},
                        "ours_best_over_autoround": ar and ar.get("kld") and ours[best]["kld"] / ar["kld"]}
     res["rtn_kld"] = rtn_kld
+    res["ours"] = ours  # every quantprism row as measured (``--reuse-ours`` reads it back)
     res["eval_tokens"] = ours["rtn"]["tokens"]
     res["dev_tokens"] = int(dv.base.q.shape[0]) if hasattr(dv.base, "q") else None
     res["seconds"] = round(time.time() - t_all, 1)

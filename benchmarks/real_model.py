@@ -10,7 +10,11 @@ runs the benchmark that owns its comparison, on that model, in a child process, 
 - w4: benchmarks/peers.py once per W4 grid (same calibration ids, same evaluator, peers' settings chosen on dev);
   a grid whose groups do not tile the model's linears (g128 on 576-wide inputs) is recorded as not applicable;
 - gguf: benchmarks/gguf_vs_llamacpp.py for Q4_K_M and Q5_K_M, all scored in llama.cpp;
-- onnx: benchmarks/onnx_vs_ort.py (INT8 and INT4, ours vs every ORT quantizer setting on the same graph).
+- onnx: benchmarks/onnx_vs_ort.py (INT8 and INT4, ours vs every ORT quantizer setting on the same graph);
+- time: `quantprism quantize` (the whole canonical pass) for the repository's default targets.toml on the model, with
+  ``group_size = "auto"`` where 128 does not tile its 576-wide rows, cold cache, wall time and peak RSS of the child;
+  once as shipped and once with ``refit = true, tune = 1`` on every target (the setting the W4 rows use).
+  AutoRound's wall time and peak RSS come from its W4 job in the w4 part (run beside it on the other core).
 Goals (issue 16): W4 ≤ 0.9× the best peer; GGUF ≤ 0.75× llama.cpp+imatrix; ONNX ≤ 0.8× the best ORT setting;
 the canonical pass ≤ 0.25× AutoRound's wall time.
 """
@@ -77,6 +81,8 @@ def main() -> None:
     ap.add_argument("--peer-cache", type=Path, default=HERE / ".work" / "peer-cache")
     ap.add_argument("--work", type=Path, default=HERE / ".work" / "real_model")
     ap.add_argument("--peers-args", default="", help="extra arguments for peers.py (e.g. --autoround-iters 200,1000)")
+    ap.add_argument("--time-variants", default="shipped,tuned",
+                    help="time part: the default targets as shipped and/or with refit + tune 1 on every target")
     ap.add_argument("--collect", action="store_true",
                     help="run nothing: assemble the parts' JSON files already under --work (parts run separately)")
     args = ap.parse_args()
@@ -128,6 +134,11 @@ def main() -> None:
                                     args.work / "gguf.log")
         if out.is_file():
             res["parts"]["gguf"] = json.loads(out.read_text())
+    if "time" in parts:
+        for variant in args.time_variants.split(","):
+            extra = {"shipped": "", "tuned": "refit = true\ntune = 1\n"}[variant]
+            res["parts"][f"time:{variant}"] = canonical_time(model, args.work / f"time-{variant}", extra, args.threads)
+            print(f"canonical pass ({variant}): {res['parts'][f'time:{variant}']}", flush=True)
     if "onnx" in parts:
         out = args.work / "onnx.json"
         res["runs"]["onnx"] = child([py, str(HERE / "onnx_vs_ort.py"), "--model", str(model), *th,
@@ -139,6 +150,32 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps(res["summary"], indent=1))
+
+
+def canonical_time(model: Path, work: Path, extra: str, threads: int) -> dict:
+    """Wall time and peak RSS of `quantprism quantize` for the default targets on ``model``, cold cache."""
+    import re
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    text = (ROOT / "targets.toml").read_text()
+    text = re.sub(r"(?m)^group_size = 128\b", 'group_size = "auto"', text)  # 576-wide rows: 64 (llama.cpp falls back too)
+    if extra:
+        text = re.sub(r"(?m)^(\[target\.[^.\]]+\])$", lambda m: m.group(1) + "\n" + extra.rstrip(), text)
+    (work / "targets.toml").write_text(text)
+    cmd = [str(Path(sys.executable).parent / "quantprism"), "quantize", "--targets", str(work / "targets.toml"),
+           "--model", str(model), "--cache-dir", str(work / "cache")]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))  # torch reads it at start: the pass runs on `threads` cores
+    t0 = time.time()
+    with open(work / "quantize.log", "w") as log:
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=work, env=env)
+        _, status, ru = os.wait4(p.pid, 0)
+    out = {"cmd": " ".join(cmd), "rc": os.waitstatus_to_exitcode(status), "seconds": round(time.time() - t0, 1),
+           "peak_rss_mb": round(ru.ru_maxrss / 1024, 1), "targets": str(work / "targets.toml"), "threads": threads,
+           "log": str(work / "quantize.log")}
+    shutil.rmtree(work / "cache", ignore_errors=True)
+    return out
 
 
 def summarise(parts: dict) -> dict:
