@@ -285,6 +285,7 @@ def main() -> None:
         pick = min(ok, key=lambda n: ok[n]["dev_kld"])
         r = ok[pick]
         out = {"setting": pick, "settings": r["settings"], "seconds": r["seconds"], "dev_kld": r["dev_kld"],
+               "peak_rss_mb_so_far": r.get("peak_rss_mb_so_far"),
                **brief(ev.evaluate(r["_weights"])), "grid_check": r["grid_check"],
                "why": f"lowest dev KLD of {len(ok)} setting(s)",
                "candidates": {n: ({"dev_kld": c["dev_kld"], "seconds": c["seconds"]} if "error" not in c else {"error": c["error"]})

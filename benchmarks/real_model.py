@@ -105,7 +105,10 @@ def main() -> None:
     parts = [p for p in args.parts.split(",") if p]
     if args.collect:
         for f in sorted(args.work.glob("*.json")):
-            key = f"w4:{f.stem.removeprefix('peers-')}" if f.stem.startswith("peers-") else f.stem
+            if f.stem.endswith(".prev"):  # an earlier result a later run reused (--reuse-ours); the later one is the part
+                continue
+            key = (f"w4:{f.stem.removeprefix('peers-')}" if f.stem.startswith("peers-")
+                   else f"time:{f.stem.removeprefix('time-')}" if f.stem.startswith("time-") else f.stem)
             res["parts"][key] = json.loads(f.read_text())
             res["runs"].setdefault(key, {"log": str(f.with_suffix(".log")), "collected": True})
         for gid in args.grids.split(","):
@@ -138,6 +141,7 @@ def main() -> None:
         for variant in args.time_variants.split(","):
             extra = {"shipped": "", "tuned": "refit = true\ntune = 1\n"}[variant]
             res["parts"][f"time:{variant}"] = canonical_time(model, args.work / f"time-{variant}", extra, args.threads)
+            (args.work / f"time-{variant}.json").write_text(json.dumps(res["parts"][f"time:{variant}"], indent=1) + "\n")
             print(f"canonical pass ({variant}): {res['parts'][f'time:{variant}']}", flush=True)
     if "onnx" in parts:
         out = args.work / "onnx.json"
@@ -190,13 +194,24 @@ def summarise(parts: dict) -> dict:
             s[key] = r
     g = parts.get("gguf")
     if g:
-        s["gguf"] = {ft: {k: g[ft][k] for k in ("ours_kld", "llamacpp_imatrix_kld", "kld_ratio_vs_llamacpp_imatrix",
-                                               "ours_bytes", "llamacpp_imatrix_bytes", "goal_met") if k in g[ft]}
-                     for ft in ("Q4_K_M", "Q5_K_M") if ft in g}
+        s["gguf"] = {ft: {k: v for k, v in g[ft].items() if k != "details"} for ft in ("Q4_K_M", "Q5_K_M") if ft in g}
+        s["gguf"]["autoround_runs"] = g.get("autoround_runs")
+        s["gguf"]["seconds"] = g.get("seconds")
     x = parts.get("experiments")  # technique experiments (which won, which lost), same evaluator as peers.py
     if x:
         s["techniques_w4_g64_sym"] = [{"variant": r["variant"], "kld": r["kld"], "top1": r["top1"], "ppl_ratio": r["ppl_ratio"],
                                        "seconds": r["secs"]} for r in x["rows"]]
+    t = {k.split(":", 1)[1]: v for k, v in parts.items() if k.startswith("time:")}
+    ar = [(j, r) for r in parts.values() if isinstance(r, dict) for j in r.get("rows", [])
+          if isinstance(j, dict) and j.get("method") == "autoround (SignRound)" and (j.get("peer") or {}).get("seconds")]
+    if t:
+        s["time"] = dict(t)
+        if ar:
+            peer = ar[0][0]["peer"]
+            s["time"]["autoround_one_format"] = {"seconds": peer["seconds"], "peak_rss_mb_worker_so_far": peer.get("peak_rss_mb_so_far"),
+                                                 "setting": peer.get("setting")}
+            s["time"]["ratios"] = {k: v["seconds"] / peer["seconds"] for k, v in t.items() if v.get("rc") == 0}
+            s["time"]["goal"] = 0.25
     o = parts.get("onnx")
     if o:
         s["onnx"] = {"goals": o.get("goals"), "int8": o.get("int8"), "int4": o.get("int4")}
