@@ -1,7 +1,7 @@
 """Quality per byte on a real pretrained model: ours against llm-compressor, AutoRound, llama.cpp+imatrix and ORT.
 
     python benchmarks/real_model.py --out benchmarks/results/real_model.json [--model DIR] \
-        [--parts w4,gguf,onnx] [--grids int4_g64_sym_fp16,int4_g64_asym_fp16,int4_g128_sym_fp16] [--threads 1] \
+        [--parts w4,gguf,onnx,time] [--grids int4_g64_sym_fp16,int4_g64_asym_fp16,int4_g128_sym_fp16] [--threads 1] \
         [--peer-cache DIR] [--work DIR]
 
 The model defaults to SmolLM2-135M-Instruct built by scripts/real_model.py (built here when missing). Each part
@@ -75,7 +75,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--model", type=Path, default=None)
-    ap.add_argument("--parts", default="w4,gguf,onnx")
+    ap.add_argument("--parts", default="w4,gguf,onnx,time")
     ap.add_argument("--grids", default=",".join(GRIDS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--peer-cache", type=Path, default=HERE / ".work" / "peer-cache")
@@ -133,7 +133,9 @@ def main() -> None:
     if "gguf" in parts:
         out = args.work / "gguf.json"
         res["runs"]["gguf"] = child([py, str(HERE / "gguf_vs_llamacpp.py"), "--model", str(model), *th,
-                                     "--file-types", "Q4_K_M,Q5_K_M", "--work", str(args.work / "gguf"), "--out", str(out)],
+                                     "--file-types", "Q4_K_M,Q5_K_M", "--eval-chunks", "16", "--autoround-iters", "0",
+                                     "--work", str(args.work / "gguf"), "--cache-dir", str(args.work / "gguf-cache"),
+                                     "--out", str(out)],
                                     args.work / "gguf.log")
         if out.is_file():
             res["parts"]["gguf"] = json.loads(out.read_text())
@@ -146,6 +148,7 @@ def main() -> None:
     if "onnx" in parts:
         out = args.work / "onnx.json"
         res["runs"]["onnx"] = child([py, str(HERE / "onnx_vs_ort.py"), "--model", str(model), *th,
+                                     "--ours-settings", '[{"symmetric": true}, {"symmetric": false}]',
                                      "--work", str(args.work / "onnx"), "--out", str(out)], args.work / "onnx.log")
         if out.is_file():
             res["parts"]["onnx"] = json.loads(out.read_text())
