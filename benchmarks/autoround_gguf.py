@@ -16,27 +16,18 @@ from __future__ import annotations
 import json
 import os
 import resource
-import shutil
 import sys
 import tempfile
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import versions  # noqa: E402
+
 SEED = 42  # AutoRound's default seed, passed explicitly
-
-
-def versions() -> dict:
-    out = {}
-    for d in ("auto-round", "gguf", "torch", "transformers"):
-        try:
-            out[d] = version(d)
-        except PackageNotFoundError:
-            out[d] = None
-    return out
 
 
 def main() -> None:
@@ -62,11 +53,10 @@ def main() -> None:
         if len(found) != 1:
             raise SystemExit(f"AutoRound wrote {len(found)} GGUF files, expected 1: {found}")
         os.replace(found[0], out)
-        shutil.rmtree(td, ignore_errors=True)
     rec = {"peer": "autoround", "format": fmt, "settings": {k: v for k, v in kw.items() if k != "dataset"},
            "seconds": round(time.time() - t0, 1), "calibration_windows": int(ids.shape[0]),
            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-           "bytes": out.stat().st_size, "versions": versions()}
+           "bytes": out.stat().st_size, "versions": versions("auto-round", "gguf", "torch", "transformers")}
     tmp = spec["record"] + ".tmp"
     Path(tmp).write_text(json.dumps(rec, indent=1) + "\n")
     os.replace(tmp, spec["record"])

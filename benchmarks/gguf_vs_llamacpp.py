@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import quality_parser, settings_key  # noqa: E402
+from common import quality_parser, settings_key, versions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FILE_TYPES = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q6_K", "Q8_0", "Q4_0", "IQ4_XS")
@@ -121,7 +121,7 @@ def main() -> None:
         "model": str(info.path), "calibration": run.calibration.record(), "method": args.method,
         "eval_tokens_scored": int(f16_vs_original["n_tokens"]), "threads": args.threads,
         "f16_vs_original": {k: f16_vs_original[k] for k in ("kld_mean", "top1_agreement", "ppl_ratio")},
-        "f16_bytes": f16.stat().st_size, "llama_cpp_python": _version("llama_cpp_python"),
+        "f16_bytes": f16.stat().st_size, "llama_cpp_python": versions("llama_cpp_python")["llama_cpp_python"],
         "autoround_runs": peer_records,
     }
     for ft in file_types:
@@ -186,15 +186,6 @@ def autoround_gguf(info, ids, file_type: str, iters: int, threads: int, work: Pa
     if r.returncode != 0 or not record.is_file():
         raise SystemExit(f"AutoRound GGUF export {file_type} iters={iters} failed (exit {r.returncode})")
     return out, json.loads(record.read_text())
-
-
-def _version(pkg: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(pkg)
-    except PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":

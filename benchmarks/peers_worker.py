@@ -22,23 +22,17 @@ import resource
 import sys
 import time
 import traceback
-from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import versions  # noqa: E402
+
 TORCH_SEED = 0
 AUTOROUND_SEED = 42  # AutoRound's own default, passed explicitly
-
-
-def versions() -> dict:
-    out = {}
-    for d in ("llmcompressor", "compressed-tensors", "auto-round", "torch", "transformers", "accelerate", "datasets"):
-        try:
-            out[d] = version(d)
-        except PackageNotFoundError:
-            out[d] = None
-    return out
+PEER_DISTS = ("llmcompressor", "compressed-tensors", "auto-round", "torch", "transformers", "accelerate", "datasets")
 
 
 def model_weights(model) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -139,7 +133,7 @@ def main() -> None:
     grid = spec.get("grid", {"group": 128, "sym": True})
     calib_ids = {}
     tok = AutoTokenizer.from_pretrained(spec["model"])
-    results = {"versions": versions(), "torch_seed": TORCH_SEED, "autoround_seed": AUTOROUND_SEED, "jobs": {}}
+    results = {"versions": versions(*PEER_DISTS), "torch_seed": TORCH_SEED, "autoround_seed": AUTOROUND_SEED, "jobs": {}}
     for job in spec["jobs"]:
         torch.manual_seed(TORCH_SEED)
         model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32).eval()

@@ -205,12 +205,14 @@ def summarise(parts: dict) -> dict:
         s["techniques_w4_g64_sym"] = [{"variant": r["variant"], "kld": r["kld"], "top1": r["top1"], "ppl_ratio": r["ppl_ratio"],
                                        "seconds": r["secs"]} for r in x["rows"]]
     t = {k.split(":", 1)[1]: v for k, v in parts.items() if k.startswith("time:")}
-    ar = [(j, r) for r in parts.values() if isinstance(r, dict) for j in r.get("rows", [])
+    # the w4 parts first: they are the assembled results (a stand-alone AutoRound run's file may predate fields)
+    ar = [j["peer"] for _, r in sorted(parts.items(), key=lambda kv: not kv[0].startswith("w4:"))
+          if isinstance(r, dict) for j in r.get("rows", [])
           if isinstance(j, dict) and j.get("method") == "autoround (SignRound)" and (j.get("peer") or {}).get("seconds")]
     if t:
         s["time"] = dict(t)
         if ar:
-            peer = ar[0][0]["peer"]
+            peer = ar[0]
             s["time"]["autoround_one_format"] = {"seconds": peer["seconds"], "peak_rss_mb_worker_so_far": peer.get("peak_rss_mb_so_far"),
                                                  "setting": peer.get("setting")}
             s["time"]["ratios"] = {k: v["seconds"] / peer["seconds"] for k, v in t.items() if v.get("rc") == 0}
