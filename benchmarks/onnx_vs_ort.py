@@ -295,7 +295,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--method", default="gptq", help="canonical method for ours (gptq | smoothquant+gptq …)")
     ap.add_argument("--synthetic", action="store_true", help="also decode speed on a synthetic ~1B Llama")
-    ap.add_argument("--ours-settings", default='[{"symmetric": true}]',
+    ap.add_argument("--ours-settings", default=[{"symmetric": True}], type=json.loads,
                     help="JSON list of Target settings tried for ours (e.g. symmetric, refit, tune); the best on dev is "
                          "reported per bit width, as for every ORT row")
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".work" / "onnx")
@@ -323,7 +323,7 @@ def main() -> None:
     vers = versions(*VERSIONS)
     tok = load_tokenizer(info)
     vocab = int(info.config.get("vocab_size"))
-    ours_settings = json.loads(args.ours_settings)
+    ours_settings = args.ours_settings
     targets = {(bits, i): Target(name=f"ours{bits[-1]}-{i}", format="onnx", runtime="onnxruntime", quant=bits, group_size=32,
                                  method=args.method, **st)
                for bits in ("nbits8", "nbits4") for i, st in enumerate(ours_settings)}

@@ -119,6 +119,8 @@ def main() -> None:
     ap.add_argument("--reuse-ours", type=Path, default=None,
                     help="a previous result of this script on identical inputs: its quantprism rows are reused, not re-run")
     args = ap.parse_args()
+    if args.reuse_ours and not args.reuse_ours.is_file():  # before the minutes of calibration and base logits
+        raise SystemExit(f"--reuse-ours {args.reuse_ours}: no such file")
     grid_id = args.grid
     from quantprism.quantize.grids import grid_from_id
 
