@@ -34,6 +34,8 @@ def main() -> None:
     ap = quality_parser(__doc__.split("\n")[0])
     ap.set_defaults(eval_chunks=0)
     ap.add_argument("--method", default="gptq", help="canonical method for ours (see targets.toml 'method')")
+    ap.add_argument("--tune", type=int, default=0, help="ours: epochs of block-wise tuning (targets.toml 'tune')")
+    ap.add_argument("--tune-round", action="store_true", help="ours: the tuning learns the rounding too ('tune_round')")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".work" / "gguf", help="where the GGUFs go")
     ap.add_argument("--cache-dir", type=Path, default=None)
@@ -59,8 +61,8 @@ def main() -> None:
     secs: dict[str, float] = {}
     t0 = time.time()
     info = load_model_info(args.model)
-    targets = [Target(name=f"ours-{ft}", format="gguf", runtime="llamacpp", quant=ft, method=args.method)
-               for ft in file_types]
+    targets = [Target(name=f"ours-{ft}", format="gguf", runtime="llamacpp", quant=ft, method=args.method,
+                      tune=args.tune, tune_round=args.tune_round) for ft in file_types]
     recipes, index = plan_recipes(targets, info)
     import logging
 
@@ -72,10 +74,10 @@ def main() -> None:
     secs["canonical_stage"] = round(time.time() - t0, 1)
     model = load_torch_model(info)
     t0 = time.time()
-    imat = fp_imatrix(model, run.calibration.input_ids)
+    args.work.mkdir(parents=True, exist_ok=True)
+    imat = cached_imatrix(model, info, run.calibration.input_ids, args.work, fp_imatrix)
     secs["fp_imatrix"] = round(time.time() - t0, 1)
 
-    args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     f16 = write_gguf(args.work / "f16.gguf", info, None, "F16")
     files: dict[str, dict[str, Path]] = {}
@@ -119,6 +121,7 @@ def main() -> None:
 
     out: dict = {
         "model": str(info.path), "calibration": run.calibration.record(), "method": args.method,
+        "tune": args.tune, "tune_round": args.tune_round,
         "eval_tokens_scored": int(f16_vs_original["n_tokens"]), "threads": args.threads,
         "f16_vs_original": {k: f16_vs_original[k] for k in ("kld_mean", "top1_agreement", "ppl_ratio")},
         "f16_bytes": f16.stat().st_size, "llama_cpp_python": versions("llama_cpp_python")["llama_cpp_python"],
@@ -158,6 +161,25 @@ def main() -> None:
               f"+imatrix {r['llamacpp_imatrix_kld']:.6f} ({r['llamacpp_imatrix_bytes']} B): "
               f"{r['kld_ratio_vs_llamacpp_imatrix']:.3f}×"
               + "".join(f", {k[13:]} {v:.3f}×" for k, v in r.items() if k.startswith("kld_ratio_vs_autoround")) + goal)
+
+
+def cached_imatrix(model, info, ids, work: Path, compute) -> dict:
+    """llama-imatrix's statistic of the original model on the calibration ids (minutes on a real model), kept in
+    ``work`` as safetensors keyed by model and ids."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    key = settings_key(model=info.weights_sha256, ids=hashlib.sha256(ids.tobytes()).hexdigest(), what="fp_imatrix")
+    path = work / f"fp-imatrix-{key}.safetensors"
+    if path.is_file():
+        return load_file(str(path))
+    imat = compute(model, ids)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: torch.as_tensor(v).contiguous() for k, v in imat.items()}, str(tmp))
+    tmp.replace(path)
+    return imat
 
 
 def autoround_gguf(info, ids, file_type: str, iters: int, threads: int, work: Path) -> tuple[Path, dict]:

@@ -81,8 +81,10 @@ def main() -> None:
     ap.add_argument("--peer-cache", type=Path, default=HERE / ".work" / "peer-cache")
     ap.add_argument("--work", type=Path, default=HERE / ".work" / "real_model")
     ap.add_argument("--peers-args", default="", help="extra arguments for peers.py (e.g. --autoround-iters 200,1000)")
+    ap.add_argument("--gguf-args", default="--tune 1 --tune-round",
+                    help="extra arguments for gguf_vs_llamacpp.py (ours' tuning: block-wise over each layer's mix)")
     ap.add_argument("--time-variants", default="shipped,tuned",
-                    help="time part: the default targets as shipped and/or with refit + tune 1 on every target")
+                    help="time part: the default targets as shipped and/or with tune = 2, tune_round = true on every target")
     ap.add_argument("--collect", action="store_true",
                     help="run nothing: assemble the parts' JSON files already under --work (parts run separately)")
     args = ap.parse_args()
@@ -135,13 +137,13 @@ def main() -> None:
         res["runs"]["gguf"] = child([py, str(HERE / "gguf_vs_llamacpp.py"), "--model", str(model), *th,
                                      "--file-types", "Q4_K_M,Q5_K_M", "--eval-chunks", "16", "--autoround-iters", "0",
                                      "--work", str(args.work / "gguf"), "--cache-dir", str(args.work / "gguf-cache"),
-                                     "--out", str(out)],
+                                     "--out", str(out), *args.gguf_args.split()],
                                     args.work / "gguf.log")
         if out.is_file():
             res["parts"]["gguf"] = json.loads(out.read_text())
     if "time" in parts:
         for variant in args.time_variants.split(","):
-            extra = {"shipped": "", "tuned": "refit = true\ntune = 1\n"}[variant]
+            extra = {"shipped": "", "tuned": "tune = 2\ntune_round = true\n"}[variant]
             res["parts"][f"time:{variant}"] = canonical_time(model, args.work / f"time-{variant}", extra, args.threads)
             (args.work / f"time-{variant}.json").write_text(json.dumps(res["parts"][f"time:{variant}"], indent=1) + "\n")
             print(f"canonical pass ({variant}): {res['parts'][f'time:{variant}']}", flush=True)

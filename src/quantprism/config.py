@@ -54,6 +54,7 @@ TARGET_KEYS: dict[str, Any] = {
     "method": str, "hardware": str, "description": str, "damp": float, "clip_search": bool,
     "act_order": bool, "smoothquant_alpha": float, "imatrix": bool, "threads": int,
     "protect": int, "max_bpw": float, "tokenizer_parity": str, "gates": dict, "refit": bool, "tune": int,
+    "tune_round": bool,
 }
 
 
@@ -83,7 +84,8 @@ class Target:
     clip_search: bool = True
     act_order: bool = True
     refit: bool = False  # Hessian-weighted scale refit after GPTQ (int grids)
-    tune: int = 0  # epochs of block-wise output reconstruction of the int grids' scales (quality knob; ~3× the pass)
+    tune: int = 0  # epochs of block-wise output reconstruction of the block parameters (quality knob; ~3× the pass)
+    tune_round: bool = False  # the reconstruction also learns each weight's rounding (from GPTQ's)
     smoothquant_alpha: float = 0.5
     imatrix: bool = True
     threads: int | None = None

@@ -332,8 +332,9 @@ class GGUFFormat(Format):
             grids += [grid_for(fallback(up, cols[m]) if m in cols else up, m, t.imatrix, tied) for m in layers]
         head = "model.embed_tokens" if tied else "lm_head"
         embed = () if tied else (grid_for(types["model.embed_tokens"], "model.embed_tokens", t.imatrix, tied),)
+        mix = () if info is None else tuple(f"{m}={g}" for m in layers if (g := grid_for(types[m], m, t.imatrix, tied)))
         return GridNeeds(tuple(g for g in dict.fromkeys(grids) if g), (grid_for(types[head], head, t.imatrix, tied),),
-                         tuple(g for g in embed if g))
+                         tuple(g for g in embed if g), mix)
 
     def module_grids(self, t: Target, info: ModelInfo, canonical, plan: dict | None) -> dict[str, str | None]:
         choose = reference_choice(t.quant or "F16", info, t.imatrix, plan)

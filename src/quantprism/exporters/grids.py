@@ -16,6 +16,9 @@ class GridNeeds:
     grids: tuple[str, ...]  # decoder linears; the first is the target's main grid
     head: tuple[str, ...] = ()  # lm_head (GGUF output.weight); empty = kept in high precision
     embed: tuple[str, ...] = ()  # token embeddings (GGUF token_embd)
+    # the grid each decoder linear is deployed with where it differs per tensor (GGUF's mixes), "module=grid": block-wise
+    # tuning fits each layer's linears as deployed together; empty = one grid for every linear (tuned grid by grid)
+    mix: tuple[str, ...] = ()
 
 
 def int_grid(bits: int, gs: int, sym: bool, dtype: str, narrow: bool = False, reduced: bool = False) -> str:

@@ -35,7 +35,17 @@ def _base_recipe(t: Target, info: ModelInfo | None) -> Recipe:
     return Recipe(grids=grids, transform=transform, method=method, head_grids=needs.head,
                   embed_grids=needs.embed, awq_grid=grids[0] if transform == "awq" and grids else None,
                   sq_alpha=t.smoothquant_alpha, damp=t.damp, clip=t.clip_search, act_order=t.act_order,
-                  sensitivity=mixed, refit=t.refit and method == "gptq", tune=t.tune if method == "gptq" else 0)
+                  sensitivity=mixed, refit=t.refit and method == "gptq", tune=t.tune if method == "gptq" else 0,
+                  tune_round=t.tune_round and method == "gptq" and t.tune > 0,
+                  tune_mix=_mix_entries(t, needs.mix) if t.tune and method == "gptq" else ())
+
+
+def _mix_entries(t: Target, mix: tuple[str, ...]) -> tuple[str, ...]:
+    """A target's deployed mix as the recipe carries it, named by its content (equal mixes of two targets are one)."""
+    import hashlib
+
+    name = f"{t.quant or t.format}-{hashlib.sha256(chr(10).join(mix).encode()).hexdigest()[:8]}"
+    return tuple(f"{name}|{e}" for e in mix)
 
 
 def plan_recipes(targets: list[Target], info: ModelInfo | None = None) -> tuple[list[Recipe], dict[str, int]]:
@@ -49,8 +59,9 @@ def plan_recipes(targets: list[Target], info: ModelInfo | None = None) -> tuple[
             continue  # nothing to quantize (e.g. GGUF F16)
         for i, other in enumerate(recipes):
             same = (other.transform, other.method, other.damp, other.clip, other.act_order, other.sq_alpha,
-                    other.awq_grid, other.refit, other.tune) == (r.transform, r.method, r.damp, r.clip, r.act_order,
-                                                                 r.sq_alpha, r.awq_grid, r.refit, r.tune)
+                    other.awq_grid, other.refit, other.tune, other.tune_round) == (
+                r.transform, r.method, r.damp, r.clip, r.act_order, r.sq_alpha, r.awq_grid, r.refit, r.tune,
+                r.tune_round)
             if same:
                 def merge(a, b):
                     return tuple(dict.fromkeys(a + b))
@@ -58,6 +69,7 @@ def plan_recipes(targets: list[Target], info: ModelInfo | None = None) -> tuple[
                 recipes[i] = dataclasses.replace(other, grids=merge(other.grids, r.grids),
                                                  head_grids=merge(other.head_grids, r.head_grids),
                                                  embed_grids=merge(other.embed_grids, r.embed_grids),
+                                                 tune_mix=merge(other.tune_mix, r.tune_mix),
                                                  sensitivity=other.sensitivity or r.sensitivity)
                 index[t.name] = i
                 break

@@ -112,8 +112,12 @@ def _threads(n: int) -> Iterator[None]:
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.01, clip: bool = True,
                   act_order: bool = False, block: int = 128, factors: dict | None = None,
-                  hessian_key: Hashable = None) -> QuantizedTensor:
+                  hessian_key: Hashable = None, updated: torch.Tensor | None = None) -> QuantizedTensor:
     """Quantize W [N, K] on ``grid`` minimising the proxy ‖(W − Q)X‖² with H = 2XᵀX/n.
+
+    ``updated`` (float32 [N, K]): filled with the error-updated weight of every column at the moment it was rounded
+    (natural column order) — the continuous values GPTQ's codes are the nearest grid points of, from which
+    block-wise tuning learns where rounding the other way pays (tune.py).
 
     ``factors`` (with ``hessian_key`` naming H): a cache of the inverse-Hessian factor, which depends only on H, the
     column order and the damping — linears that share an input (q/k/v, gate/up) and every grid of one order reuse it.
@@ -153,12 +157,13 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.
             groups[g] = grid.fit(W[:, g * gc : (g + 1) * gc], importance[g * gc : (g + 1) * gc], clip)
     Q = torch.zeros(N, K, dtype=torch.uint8)  # integer codes (every grid's are 0…255): a quarter of float32
     with _threads(1 if N * B < (1 << 20) else 2):
-        _sweep(W, U, Q, groups, grid, importance, perm, gc, B, clip)
+        _sweep(W, U, Q, groups, grid, importance, perm, gc, B, clip, updated)
     return grid.stack([g for g in groups if g is not None], Q[:, torch.argsort(perm)])
 
 
 def _sweep(W: torch.Tensor, U: torch.Tensor, Q: torch.Tensor, groups: list, grid: Grid,
-           importance: torch.Tensor, perm: torch.Tensor, gc: int, B: int, clip: bool) -> None:
+           importance: torch.Tensor, perm: torch.Tensor, gc: int, B: int, clip: bool,
+           updated: torch.Tensor | None = None) -> None:
     K = W.shape[1]
     outer = torch.empty(W.shape[0], B)  # the rank-1 update's product, reused: no allocation per column
     for i1 in range(0, K, B):
@@ -173,6 +178,8 @@ def _sweep(W: torch.Tensor, U: torch.Tensor, Q: torch.Tensor, groups: list, grid
                 groups[g] = grid.fit(W1[:, i : i + gc], importance[col : col + gc], clip)
             p = groups[g]
             w = W1[:, i]
+            if updated is not None:
+                updated[:, col] = w
             q = grid.quant_col(w, p, j)
             Q[:, i1 + i] = q
             err = (w - grid.dequant_col(q, p, j)) / U1[i, i]

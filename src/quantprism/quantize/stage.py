@@ -35,7 +35,7 @@ from .grids import IntGrid, QuantizedTensor, grid_from_id
 from .refit import refit_scales
 from .stats import Pairing, attach_collectors
 from .transforms import apply_scales, awq_search, foldable, scaled_hessian, smoothquant_scales
-from .tune import tune_layer_scales
+from .tune import code_units, tunable, tune_layer_scales
 
 TRANSFORMS = ("none", "awq", "smoothquant")
 
@@ -60,6 +60,10 @@ class Recipe:
     target: str = "quantized"
     refit: bool = False  # int grids: re-solve each group's scale for GPTQ's codes against the Hessian (refit.py)
     tune: int = 0  # epochs of block-wise output reconstruction of every int grid's scales against the fp model (tune.py)
+    tune_round: bool = False  # the reconstruction also learns each weight's rounding, starting from GPTQ's (tune.py)
+    # "target|module=grid": per-tensor deployed grids (GGUF mixes), tuned as deployed together, one run per target and
+    # layer; grids no mix names are tuned grid by grid (every linear on that grid)
+    tune_mix: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.transform not in TRANSFORMS:
@@ -121,15 +125,19 @@ def first_fitting(grids: tuple[str, ...], k: int) -> str | None:
 
 
 def _solve(W: torch.Tensor, H: torch.Tensor, imp: torch.Tensor, gid: str, r: Recipe, factors: dict | None = None,
-           hessian_key=None) -> QuantizedTensor:
+           hessian_key=None, cont: dict | None = None) -> QuantizedTensor:
+    """``cont``: receives, for an int grid solved by GPTQ, its error-updated weights in code units (tune.py)."""
     grid = grid_from_id(gid)
     if r.method == "rtn":  # row blocks: the k-quant searches' temporaries are many times the rows they fit
         return _by_rows(W, lambda w: grid.rtn(w, imp, clip=r.clip))
     # k-quant super-blocks are fitted on the error-updated weights (natural order, DESIGN); int grids
     # use static-group act-order, which measured best (benchmarks/canonical_quality.py)
     act_order = r.act_order and isinstance(grid, IntGrid)
+    upd = torch.empty(W.shape, dtype=torch.float32) if cont is not None and tunable(grid) else None
     q = gptq_quantize(W, H, grid, damp=r.damp, clip=r.clip, act_order=act_order, factors=factors,
-                      hessian_key=hessian_key)
+                      hessian_key=hessian_key, updated=upd)
+    if upd is not None:  # in units of the solve's own scales (a refit below moves the scales, not the codes)
+        cont[gid] = code_units(q, upd)
     return refit_scales(W, H, q) if r.refit else q
 
 
@@ -289,7 +297,8 @@ def _solve_layer(layer, li: int, prefix: str, hs: Activations, kws: list[dict], 
                 fp_next.append(r[0] if isinstance(r, tuple) else r)
                 pairing.fp = False
                 layer(h.to(dev, torch.float32), **kw)
-            hs_fp.close()
+            if not any(r.tune for r in settings.recipes):
+                hs_fp.close()  # otherwise after tuning: sets other than the chain's are tuned on the fp inputs
     finally:
         for h in handles:
             h.remove()
@@ -326,6 +335,9 @@ def _solve_layer(layer, li: int, prefix: str, hs: Activations, kws: list[dict], 
                 res.fp[f"{prefix}.{name}"] = t.detach().float().clone()
         hessians: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         factors: dict = {}  # inverse-Hessian factors of this recipe's layer, shared by the linears of one input
+        tune_sets = _tune_sets(r, prefix, list(linear_to_group), work) if r.tune and fp_next is not None else []
+        learn_round = bool(tune_sets and r.tune_round and r.method == "gptq")
+        conts: dict[str, dict] = {lin: {} for lin in linear_to_group}
         for lin, group in linear_to_group.items():
             if group not in hessians:
                 factors.clear()  # linears of one input are contiguous: the last input's factors are done with
@@ -342,23 +354,33 @@ def _solve_layer(layer, li: int, prefix: str, hs: Activations, kws: list[dict], 
                 W = fp_target_weights(W, H, scaled_hessian(G, scales[group]) if group in scales else G, r.damp)
             mod = f"{prefix}.{lin}"
             res.imatrix[mod] = imp.clone()
-            res.quant[mod] = {gid: _solve(W, H, imp, gid, r, factors, group) for gid in r.grids
-                              if fits(gid, W.shape[1])}
+            res.quant[mod] = {gid: _solve(W, H, imp, gid, r, factors, group,
+                                          conts[lin] if learn_round and any(a.get(lin) == gid for _, a in tune_sets) else None)
+                              for gid in r.grids if fits(gid, W.shape[1])}
             if progress:
                 progress(mod, li, n_layers)
         del hessians, factors
-        if r.tune and fp_next is not None:  # every int grid of the recipe, each its own run
-            for gid in r.grids:
-                if not isinstance(grid_from_id(gid), IntGrid):
-                    continue
-                solved = {lin: res.quant[f"{prefix}.{lin}"][gid] for lin in linear_to_group
-                          if gid in res.quant[f"{prefix}.{lin}"]}
-                tuned, linfo[f"tune_{gid}"] = tune_layer_scales(work, solved, hs, fp_next, kws, epochs=r.tune)
-                for lin, qt in tuned.items():
-                    res.quant[f"{prefix}.{lin}"][gid] = qt
+        tuned_pairs: set[tuple[str, str]] = set()
+        for si, (name, assign) in enumerate(tune_sets):  # each set once; a (linear, grid) tuned earlier stays as tuned
+            solved = {lin: res.quant[f"{prefix}.{lin}"][gid] for lin, gid in assign.items()}
+            frozen = {lin for lin, gid in assign.items() if (lin, gid) in tuned_pairs}
+            cont = {lin: conts[lin][gid] for lin, gid in assign.items() if gid in conts[lin] and lin not in frozen}
+            # the chain's own deployment (its recipe's first set) learns to undo the error of the inputs it will get;
+            # any other set sees inputs from a different model than its own, so it fits the fp inputs instead (on the
+            # chain's inputs Q5_K_M, tuned beside a Q4_K_M chain, over-corrected to 2.5× its untuned KLD)
+            own = ri == settings.chain and si == 0
+            tuned, linfo[f"tune_{name}"] = tune_layer_scales(work, solved, hs if own else hs_fp, fp_next, kws,
+                                                             epochs=r.tune, cont=cont, frozen=frozen)
+            linfo[f"tune_{name}"]["inputs"] = "quantized" if own else "fp"
+            for lin, gid in assign.items():
+                res.quant[f"{prefix}.{lin}"][gid] = tuned[lin]
+                tuned_pairs.add((lin, gid))
+        del conts
         res.info["layers"].append(linfo)
         if ri == settings.chain:
             chain_layer = work
+    if hs_fp is not None and any(r.tune for r in settings.recipes):
+        hs_fp.close()
     del stats
     if not settings.sequential:
         hs.close()
@@ -376,6 +398,25 @@ def _solve_layer(layer, li: int, prefix: str, hs: Activations, kws: list[dict], 
     layer_forward(q_layer.to(dev), hs, kws, counter, dev, out)
     hs.close()
     return out, fp_next
+
+
+def _tune_sets(r: Recipe, prefix: str, lins: list[str], layer) -> list[tuple[str, dict[str, str]]]:
+    """The (name, {linear: grid}) sets one layer's block-wise tuning runs: each target mix of ``r.tune_mix`` as deployed,
+    then every other tunable grid on all linears it fits."""
+    sets: dict[str, dict[str, str]] = {}
+    mixed = set()  # grids some mix deploys: not tuned where no mix puts them
+    for e in r.tune_mix:
+        name, assign = e.split("|", 1)
+        mod, gid = assign.rsplit("=", 1)
+        mixed.add(gid)
+        if mod.startswith(prefix + ".") and (lin := mod[len(prefix) + 1:]) in lins and tunable(grid_from_id(gid)):
+            sets.setdefault(name, {})[lin] = gid
+    for gid in r.grids:
+        if gid not in mixed and tunable(grid_from_id(gid)):
+            on = {lin: gid for lin in lins if fits(gid, layer.get_submodule(lin).weight.shape[1])}
+            if on:
+                sets[gid] = on
+    return list(sets.items())
 
 
 def _solve_head_and_embeddings(model, hs: Activations, results: list[CanonicalModel], sm: Streaming) -> None:
