@@ -249,6 +249,8 @@ def _check_combination(where: str, fmt: str, method: str, vals: dict[str, Any]) 
         raise ConfigError(f"{where} key 'group_size': {gs} must be -1 (per channel) or a power of two ≥ 16")
     if "tune" in vals and not 0 <= vals["tune"] <= 16:
         raise ConfigError(f"{where} key 'tune': {vals['tune']} must be 0–16 epochs; 1 is typical")
+    if vals.get("tune_round") and not vals.get("tune"):
+        raise ConfigError(f"{where} key 'tune_round' learns the rounding during tuning: set 'tune' to 1 or 2 epochs too")
     if "damp" in vals and not 0 < vals["damp"] < 1:
         raise ConfigError(f"{where} key 'damp': {vals['damp']} must be in (0, 1); 0.01 is typical")
     if "smoothquant_alpha" in vals and not 0 <= vals["smoothquant_alpha"] <= 1:

@@ -88,7 +88,7 @@ def test_learned_rounding_and_gguf_tuning_lower_the_layer_loss(tmp_path):
 def test_gguf_targets_tune_their_deployed_mix_once(tmp_path):
     """A GGUF target's recipe carries its per-tensor types; each layer's mix is ONE tuning set covering every linear with
     the type the writer packs; equal mixes of two targets are one set; targets.toml reaches it (tune_round too)."""
-    from quantprism.config import parse_targets
+    from quantprism.config import ConfigError, parse_targets
     from quantprism.exporters.gguf import model_types
     from quantprism.pipeline import plan_recipes
     from quantprism.quantize.stage import _tune_sets
@@ -101,6 +101,10 @@ def test_gguf_targets_tune_their_deployed_mix_once(tmp_path):
     recipes, index = plan_recipes(list(parse_targets(f).targets.values()), info)
     r = recipes[index["a"]]
     assert index["a"] == index["b"] != index["c"] and r.tune_round and not recipes[index["c"]].tune_mix
+    f2 = tmp_path / "t2.toml"
+    f2.write_text("[target.a]\nformat='gguf'\nruntime='llamacpp'\nquant='Q4_K_M'\ntune_round=true\n")
+    with pytest.raises(ConfigError, match="tune_round.*'tune'"):
+        parse_targets(f2)
     types = model_types("Q4_K_M", info, None, True)
     lins = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
             "mlp.up_proj", "mlp.down_proj"]
