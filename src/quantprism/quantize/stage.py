@@ -281,6 +281,7 @@ def _solve_layer(layer, li: int, prefix: str, hs: Activations, kws: list[dict], 
     # float32 is a layer's second-largest statistic, not kept when no recipe transforms
     keep = settings.sample_tokens if any(r.transform != "none" for r in settings.recipes) else 0
     cross = any(r.target == "fp" and r.method == "gptq" for r in settings.recipes)
+    tuning = any(r.tune for r in settings.recipes)
     pairing = Pairing(cross) if hs_fp is not None else None
     stats, handles = attach_collectors(layer, keep, groups, pairing)
     fp_out = None if settings.sequential else new_acts()
@@ -297,7 +298,7 @@ def _solve_layer(layer, li: int, prefix: str, hs: Activations, kws: list[dict], 
                 fp_next.append(r[0] if isinstance(r, tuple) else r)
                 pairing.fp = False
                 layer(h.to(dev, torch.float32), **kw)
-            if not any(r.tune for r in settings.recipes):
+            if not tuning:
                 hs_fp.close()  # otherwise after tuning: sets other than the chain's are tuned on the fp inputs
     finally:
         for h in handles:
@@ -379,7 +380,7 @@ def _solve_layer(layer, li: int, prefix: str, hs: Activations, kws: list[dict], 
         res.info["layers"].append(linfo)
         if ri == settings.chain:
             chain_layer = work
-    if hs_fp is not None and any(r.tune for r in settings.recipes):
+    if hs_fp is not None and tuning:
         hs_fp.close()
     del stats
     if not settings.sequential:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
-from .grids import IntGrid, KQuantGrid, QuantizedTensor, _round_scale
+from .grids import LAYOUTS, IntGrid, KQuantGrid, QuantizedTensor, _round_scale
 
 log = logging.getLogger("quantprism")
 
@@ -82,14 +82,11 @@ class _Linear:
             self.kind, self.sub, (self.lo, self.hi) = "int", g.group_cols(K), g._qrange()
             self.Z = _t(p["zero"]).repeat_interleave(self.sub, 1)
             self.rel["scale"] = torch.zeros(N, K // self.sub)
-        else:
-            t = g.type
-            self.kind = {"Q4_K": "k", "Q5_K": "k", "Q6_K": "q6k", "Q4_1": "dm", "Q5_1": "dm"}.get(t, "d")
-            self.sub = 16 if t == "Q6_K" else 32
-            self.lo = 1 if t == "Q8_0" else 0
-            self.hi = {"Q4_K": 15, "Q5_K": 31, "Q6_K": 63, "Q8_0": 255, "Q4_0": 15, "Q5_0": 31, "Q4_1": 15, "Q5_1": 31}[t]
-            off = {"Q6_K": 32, "Q8_0": 128, "Q4_0": 8, "Q5_0": 16}.get(t, 0)
-            self.Z = torch.full((N, K), float(off))
+        else:  # the block geometry and code range are the layout's (grids.LAYOUTS); the parameters say the kind
+            lay = LAYOUTS[g.type]
+            self.sub, self.lo, self.hi = lay.sub, lay.lo, lay.hi
+            self.kind = "k" if "dmin" in p else "q6k" if "sc" in p else "dm" if "m" in p else "d"
+            self.Z = torch.full((N, K), float(lay.offset))
             self.rel["d"] = torch.zeros(p["d"].shape)
             if self.kind == "k":
                 self.rel["dmin"] = torch.zeros(p["dmin"].shape)
@@ -109,8 +106,10 @@ class _Linear:
             self.u = torch.where(live, u, self.codes - self.Z)  # dead blocks: the codes as they are (no gradient)
             self.V = torch.zeros(N, K, requires_grad=True)
 
-    def _i(self, name: str, lo: int, hi: int, zero_corr: bool) -> torch.Tensor:
+    def _i(self, name: str, zero_corr: bool) -> torch.Tensor:
+        """An integer sub-block parameter as stored: 6-bit in k-quants, int8 in Q6_K."""
         x = self.raw[name] if zero_corr else self.raw[name] + self.int[name]
+        lo, hi = (-128, 127) if self.kind == "q6k" else (0, 63)
         return torch.clamp(_ste_round(x), lo, hi)
 
     def _r(self, name: str, zero_corr: bool) -> torch.Tensor:
@@ -132,9 +131,9 @@ class _Linear:
             m = self.raw["m"] + (0 if zero_corr else self.rel["m"] * self.raw["d"])
             return d, -(fp16_round_t(m) if hard else m)
         if self.kind == "q6k":
-            return (r("d")[..., None] * self._i("sc", -128, 127, zero_corr)).reshape(N, -1), None
-        S = (r("d")[..., None] * self._i("sc", 0, 63, zero_corr)).reshape(N, -1)
-        M = (r("dmin")[..., None] * self._i("m", 0, 63, zero_corr)).reshape(N, -1)
+            return (r("d")[..., None] * self._i("sc", zero_corr)).reshape(N, -1), None
+        S = (r("d")[..., None] * self._i("sc", zero_corr)).reshape(N, -1)
+        M = (r("dmin")[..., None] * self._i("m", zero_corr)).reshape(N, -1)
         return S, M
 
     def centred(self, hard: bool = False) -> torch.Tensor:
@@ -162,8 +161,7 @@ class _Linear:
                 ok = torch.isfinite(v) & ((v > 0) if name == "scale" else torch.ones_like(v, dtype=torch.bool))
                 p[name] = torch.where(ok, v, self.raw[name]).numpy().astype(p[name].dtype)
             for name in self.int:
-                lo, hi = (-128, 127) if self.kind == "q6k" else (0, 63)
-                p[name] = self._i(name, lo, hi, False).numpy().astype(p[name].dtype)
+                p[name] = self._i(name, False).numpy().astype(p[name].dtype)
             codes = self.q.codes if self.V is None else (self.centred(hard=True) + self.Z).numpy().astype(self.q.codes.dtype)
         return QuantizedTensor(self.q.grid_id, codes, p)
 
