@@ -49,7 +49,13 @@ def test_unquantized_bf16_and_fp32_in_real_vllm():
     s = qv.open_session(BUILTIN_MODEL, max_model_len=600, threads=2, dtype="bfloat16")
     try:
         prompt = [0] + s.tokenize("def read_file(path):\n")
-        assert len(s.generate(prompt, 32)) == 32
+        greedy = s.generate(prompt, 32)
+        assert len(greedy) == 32
+        assert list(s.stream(prompt, 32)) == greedy  # serving's token stream is the same scheduler's greedy output
+        from quantprism.runtimes.base import Sampling
+
+        seeded = Sampling(temperature=1.0, top_p=0.9, seed=3)
+        assert list(s.stream(prompt, 16, seeded)) == list(s.stream(prompt, 16, seeded))
         assert agreement(ref, [s.logits(c) for c in chunks]) >= 0.97
         lat = measure(s, prompt, decode_tokens=8, repeats=5)
         assert lat["decode_tok_s_p50"] > 0 and lat["ttft_ms_p50"] > 0

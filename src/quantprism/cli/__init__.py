@@ -311,6 +311,9 @@ def report_cmd(results: Path, baseline: Path | None, out: Path | None) -> None:
     _console().print(render_md(doc, base), markup=False, highlight=False)
 
 
+from . import serve_cmds  # noqa: E402,F401  (registers serve / flag / rollback on the group)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit code 2."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

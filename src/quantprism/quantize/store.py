@@ -35,8 +35,9 @@ META = "canonical.json"
 
 
 # bumped when the arithmetic behind the codes changes (2: in-place inverse-Hessian factor, column-blocked XᵀX;
-# 3: XᵀX and the factor's updates on the upper triangle only)
-SOLVER_VERSION = 3
+# 3: XᵀX and the factor's updates on the upper triangle only; 4: tuning keeps or drops on 8 batches, GGML grids
+# tuned as deployed, only the chain's first set learns from quantized inputs)
+SOLVER_VERSION = 4
 
 
 def default_cache_dir() -> Path:

@@ -8,6 +8,7 @@ inherit ``timed_generate`` from ``GreedySession``; vLLM drives its own scheduler
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -35,7 +36,43 @@ class Session(Protocol):
 
     def generate(self, ids: list[int], max_tokens: int) -> list[int]: ...
 
+    def stream(self, ids: list[int], max_tokens: int, sampling: Sampling = ...) -> Iterator[int]:
+        """Generated tokens one at a time (EOS ends it, not yielded), drawn by ``sampling``."""
+        ...
+
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is drawn from a logits row: temperature 0 = greedy (argmax, as every check uses);
+    otherwise softmax(logits / temperature) restricted to the top-p nucleus, from a generator seeded by ``seed``."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def picker(self):
+        if self.temperature <= 0.0:
+            return lambda row: int(np.argmax(row))
+        rng = np.random.default_rng(self.seed)
+
+        def pick(row: np.ndarray) -> int:
+            z = row.astype(np.float64) / self.temperature
+            p = np.exp(z - z.max())
+            p /= p.sum()
+            if self.top_p < 1.0:
+                order = np.argsort(-p, kind="stable")
+                keep = order[: int(np.searchsorted(np.cumsum(p[order]), self.top_p)) + 1]
+                q = np.zeros_like(p)
+                q[keep] = p[keep]
+                p = q / q.sum()
+            return int(rng.choice(p.size, p=p))
+
+        return pick
+
+
+GREEDY = Sampling()
 
 
 class GreedySession:
@@ -68,6 +105,24 @@ class GreedySession:
 
     def generate(self, ids: list[int], max_tokens: int) -> list[int]:
         return self.timed_generate(ids, max_tokens)[0]
+
+    def stream(self, ids: list[int], max_tokens: int, sampling: Sampling = GREEDY,
+               rows: list | None = None) -> Iterator[int]:
+        """The same loop, one token at a time, drawn by ``sampling`` (serving; stops at EOS, not yielding it).
+        ``rows``: if given, each yielded token's logits row is appended (a shadow compare's baseline distribution)."""
+        pick = sampling.picker()
+        row = self._prefill([int(i) for i in ids], max_tokens)
+        tok = pick(row)
+        n = 0
+        while n < max_tokens and tok not in self.eos:
+            if rows is not None:
+                rows.append(np.asarray(row, dtype=np.float32))
+            yield tok
+            n += 1
+            if n == max_tokens:
+                return
+            row = self._decode(tok)
+            tok = pick(row)
 
 
 class HFTokenizerSession:

@@ -288,6 +288,31 @@ class VllmSession:
                     tokens = list(o.outputs[0].token_ids)
         return tokens, float(ttft or 0.0), per
 
+    def stream(self, ids: list[int], max_tokens: int, sampling=None):
+        """Tokens as vLLM's scheduler produces them (``sampling``: base.Sampling; vLLM draws with its own sampler)."""
+        from vllm import SamplingParams
+
+        engine = self.llm.llm_engine
+        rid = f"s{time.perf_counter_ns()}"
+        t = getattr(sampling, "temperature", 0.0)
+        params = SamplingParams(temperature=t, top_p=getattr(sampling, "top_p", 1.0) if t > 0 else 1.0,
+                                seed=getattr(sampling, "seed", None) if t > 0 else 0, max_tokens=max_tokens)
+        engine.add_request(rid, {"prompt_token_ids": [int(i) for i in ids]}, params)
+        n = 0
+        try:
+            while engine.has_unfinished_requests():
+                for o in engine.step():
+                    if o.request_id == rid:
+                        got = list(o.outputs[0].token_ids)
+                        for tok in got[n:]:
+                            if tok == self.eos:
+                                return
+                            yield int(tok)
+                        n = len(got)
+        finally:
+            if engine.has_unfinished_requests():
+                engine.abort_request([rid])
+
     def close(self) -> None:
         import gc
 
