@@ -226,6 +226,19 @@ def test_metrics_per_arm(srv):
         assert needle in text, needle
 
 
+def test_stop_sequences_cut_the_text_streaming_or_not(srv):
+    body = {"model": "q4km", "prompt": PROMPT, "max_tokens": 24, "temperature": 0}
+    full = _post(srv.url, body).json()["choices"][0]["text"]
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    assert stop.strip(), full
+    cut = full[: full.index(stop)]
+    r = _post(srv.url, {**body, "stop": [stop, "@@never@@"]}).json()["choices"][0]
+    assert (r["text"], r["finish_reason"]) == (cut, "stop")
+    with httpx.stream("POST", srv.url + "/v1/completions", json={**body, "stop": stop, "stream": True}, timeout=60) as s:
+        events = [json.loads(ln[6:]) for ln in s.iter_lines() if ln.startswith("data: ") and ln != "data: [DONE]"]
+    assert "".join(e["choices"][0]["text"] for e in events) == cut and events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
 def test_a_dead_candidate_is_taken_out_and_its_traffic_goes_to_the_baseline(srv, served_build, run_cli):
     """Last in the module: SIGKILL the candidate's runtime process."""
     pid = httpx.get(srv.url + "/healthz").json()["arms"]["q4km"]["pid"]
@@ -255,3 +268,4 @@ def test_an_onnx_runtime_candidate_behind_a_gguf_baseline(served_build):
         assert got["choices"][0]["text"] == _direct("onnxruntime", spec.artifact, ids, 10)
     finally:
         r.close()
+

@@ -41,10 +41,13 @@ def _generate(sess, conn, req: dict) -> None:
     keep = [] if req.get("keep_rows") and _can_keep_rows(sess) else None
     it = sess.stream(req["ids"], int(req["max_tokens"]), sampling, rows=keep) if keep is not None else \
         sess.stream(req["ids"], int(req["max_tokens"]), sampling)
+    per_token = stream or bool(stop)  # otherwise the text is decoded once, at the end
     for tok in it:
         if ttft is None:
             ttft = time.perf_counter() - t0
         tokens.append(tok)
+        if not per_token:
+            continue
         text = sess.detokenize(tokens)
         text, stopped = _text_until_stop(text, stop)
         if stopped:
