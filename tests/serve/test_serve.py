@@ -239,6 +239,74 @@ def test_stop_sequences_cut_the_text_streaming_or_not(srv):
     assert "".join(e["choices"][0]["text"] for e in events) == cut and events[-1]["choices"][0]["finish_reason"] == "stop"
 
 
+def test_kserve_manifests_parse_into_the_kserve_sdk_models(srv, served_build, run_cli, tmp_path):
+    """Baseline, canary at the share, rollback at 0, runtimes per format, artifacts by sha256 — through the SDK."""
+    import hashlib
+    import subprocess
+    from pathlib import Path
+
+    fleet = Path(__file__).resolve().parents[2] / ".fleet-venv" / "bin" / "python"
+    assert fleet.is_file(), "make install builds .fleet-venv (the KServe SDK)"
+    check = Path(__file__).with_name("kserve_check.py")
+    rc, out, err = run_cli("deploy", served_build, "--kserve", "--candidate", "q4km", "--share", "0.2",
+                           "--storage-uri", "s3://models/qp", "--out", tmp_path / "d")
+    assert rc == 0, err
+    files = sorted((tmp_path / "d" / "kserve").glob("*.yaml"))
+    res = subprocess.run([str(fleet), str(check), *map(str, files)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    objs = {(o["kind"], Path(o["file"]).name): o for o in map(json.loads, res.stdout.splitlines())}
+    gguf = served_build / "q4km" / "model.gguf"
+    sha = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    base, canary, back = (objs[("InferenceService", f)] for f in ("10-baseline.yaml", "20-canary.yaml", "90-rollback.yaml"))
+    assert base["arm"] == "original" and base["format"] == "huggingface" and base["canary"] is None
+    assert canary["arm"] == "q4km" and canary["format"] == "gguf" and canary["canary"] == 20
+    assert canary["storage_uri"] == f"s3://models/qp/{sha}" and back["canary"] == 0
+    assert base["name"] == canary["name"] == back["name"]  # one InferenceService, three revisions of it
+    assert objs[("ServingRuntime", "00-runtimes.yaml")]["formats"] == ["gguf"]
+    arts = json.loads((tmp_path / "d" / "artifacts.json").read_text())["artifacts"]
+    assert arts[sha]["arm"] == "q4km"
+    # the check can fail: a misspelled field is refused by the SDK models
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(files[2].read_text().replace("canaryTrafficPercent", "canaryTrafficPercnt"))
+    res = subprocess.run([str(fleet), str(check), str(bad)], capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "canaryTrafficPercnt" in res.stderr
+    rc, out, err = run_cli("deploy", served_build, "--kserve", "--candidate", "int8", "--out", tmp_path / "e")
+    assert rc == 2 and "no stock KServe runtime" in err
+
+
+def test_litellm_config_routes_real_requests_to_the_served_arms(srv, served_build, run_cli, tmp_path):
+    """LiteLLM's own Router, loaded from our config, sends weighted traffic to the two arms and mirrors the shadow."""
+    import asyncio
+
+    import yaml
+    from litellm import Router
+
+    rc, out, err = run_cli("deploy", served_build, "--litellm", "--candidate", "q4km", "--share", "0.5", "--shadow", "1",
+                           "--endpoint", srv.url + "/v1", "--name", "story", "--out", tmp_path / "d")
+    assert rc == 0, err
+    cfg = yaml.safe_load((tmp_path / "d" / "litellm" / "config.yaml").read_text())
+    router = Router(model_list=cfg["model_list"], **cfg["router_settings"])
+    before = httpx.get(srv.url + "/metrics").text
+
+    def served(text: str, arm: str) -> float:
+        line = f'quantprism_requests_total{{arm="{arm}",endpoint="chat",status="200"}} '
+        return next((float(x.split()[-1]) for x in text.splitlines() if x.startswith(line)), 0.0)
+
+    async def go():
+        rs = [await router.acompletion(model="story", messages=[{"role": "user", "content": f"Tell tale {i}."}],
+                                       max_tokens=4, temperature=0) for i in range(24)]
+        await asyncio.sleep(3)  # the mirrored calls run in the background
+        return rs
+
+    rs = asyncio.run(go())
+    assert all(r.choices[0].message.content is not None for r in rs)
+    after = httpx.get(srv.url + "/metrics").text
+    n_base = served(after, "original") - served(before, "original")
+    n_cand = served(after, "q4km") - served(before, "q4km")
+    assert n_base >= 4 and n_cand >= 4  # both arms served real traffic at share 0.5
+    assert n_base + n_cand > 24  # and the baseline's requests were mirrored to the candidate (silent_model)
+
+
 def test_a_dead_candidate_is_taken_out_and_its_traffic_goes_to_the_baseline(srv, served_build, run_cli):
     """Last in the module: SIGKILL the candidate's runtime process."""
     pid = httpx.get(srv.url + "/healthz").json()["arms"]["q4km"]["pid"]

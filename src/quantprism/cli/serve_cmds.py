@@ -75,3 +75,31 @@ def rollback_cmd(build_dir: Path) -> None:
 
     st = rollback(build_dir)
     click.echo(f"flag v{st.version}: rolled back, every request to {st.baseline}")
+
+
+@cli.command("deploy", epilog="Example:  quantprism deploy build/ --kserve --candidate llamacpp-cpu-q4km --share 0.1 "
+                              "--storage-uri s3://models/quantprism --out deploy/")
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--kserve", "kind", flag_value="kserve", help="KServe InferenceService manifests (canary rollout).")
+@click.option("--litellm", "kind", flag_value="litellm", help="A LiteLLM router config (weighted, mirrored shadow).")
+@click.option("--baseline", default="original", show_default=True)
+@click.option("--candidate", required=True)
+@click.option("--share", type=float, default=0.1, show_default=True, callback=_fraction)
+@click.option("--shadow", type=float, default=0.0, show_default=True, callback=_fraction)
+@click.option("--storage-uri", default="pvc://quantprism-artifacts", show_default=True,
+              help="KServe: where artifacts are uploaded, each under <storage-uri>/<sha256>.")
+@click.option("--endpoint", default="http://127.0.0.1:8000/v1", show_default=True,
+              help="LiteLLM: the OpenAI base URL of `quantprism serve` (arms are addressed by name).")
+@click.option("--name", default=None, help="Service / model name (default: <model>-<candidate>).")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+def deploy_cmd(build_dir: Path, kind: str | None, baseline: str, candidate: str, share: float, shadow: float,
+               storage_uri: str, endpoint: str, name: str | None, out: Path) -> None:
+    """Fleet manifests for BUILD_DIR: KServe (baseline, candidate as canary, rollback) or LiteLLM (weighted routing
+    with a mirrored shadow), artifacts addressed by sha256 (artifacts.json says what to upload where)."""
+    from ..errors import ConfigError
+    from ..serve.deploy import write_deploy
+
+    if kind is None:
+        raise ConfigError("quantprism deploy: choose --kserve or --litellm")
+    for p in write_deploy(build_dir, out, kind, baseline, candidate, share, shadow, storage_uri, endpoint, name):
+        click.echo(str(p))
