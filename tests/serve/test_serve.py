@@ -154,6 +154,13 @@ def test_shadow_is_recorded_and_leaves_the_response_alone(srv, served_build, run
     metrics = httpx.get(srv.url + "/metrics").text
     assert 'quantprism_shadow_total{result="compared"}' in metrics
     run_cli("flag", served_build, "--shadow", "0")
+    rc, out, err = run_cli("report", served_build / "results.json")  # live compares beside the offline results
+    assert rc == 0, err
+    report = (served_build / "report.md").read_text()
+    assert "Live shadow compare" in report
+    row = next(ln for ln in report.splitlines() if ln.startswith("| q4km | original |"))
+    offline = next(t for t in json.loads((served_build / "results.json").read_text())["targets"] if t["name"] == "q4km")
+    assert f"| {rec['kld_mean']:.6f} |" in row and f"| {offline['quality']['kld_mean']:.6f} |" in row  # one compare
 
 
 def test_shadow_compare_catches_a_diverging_candidate():

@@ -301,14 +301,17 @@ def build_cmd(targets_file: Path, only: tuple[str, ...], out: Path, skip_bench: 
 @click.option("--baseline", type=click.Path(path_type=Path), default=None, help="A previous results.json to compare with.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Where to write report.md/html (default: beside RESULTS).")
 def report_cmd(results: Path, baseline: Path | None, out: Path | None) -> None:
-    """Re-render a build's reports, with deltas against a previous build (regressions marked ⚠)."""
+    """Re-render a build's reports, with deltas against a previous build (regressions marked ⚠), and the live shadow
+    compares of `quantprism serve` when RESULTS' folder has them (serve/shadow.jsonl)."""
     from ..report.render import render_md, write_reports
     from ..report.results import load_results as load
+    from ..serve.shadow import read_shadow
 
     doc = load(results)
     base = load(baseline) if baseline else None
-    write_reports(doc, out or results.parent, base)
-    _console().print(render_md(doc, base), markup=False, highlight=False)
+    shadow = read_shadow(results.parent / "serve" / "shadow.jsonl")  # live compares, when the build was served
+    write_reports(doc, out or results.parent, base, shadow)
+    _console().print(render_md(doc, base, shadow), markup=False, highlight=False)
 
 
 from . import serve_cmds  # noqa: E402,F401  (registers serve / flag / rollback on the group)

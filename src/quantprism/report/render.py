@@ -81,7 +81,24 @@ def _delta(cur, old, name: str) -> str:
     return f" ({d:+.1%}{' ⚠' if worse else ''})"
 
 
-def render_md(doc: dict, baseline: dict | None = None) -> str:
+def _shadow_lines(doc: dict, shadow: list[dict]) -> list[str]:
+    """Live shadow compares (`quantprism serve --shadow`) beside each candidate's offline KLD."""
+    from ..serve.shadow import summarize
+
+    offline = {r["name"]: _get(r, ("quality", "kld_mean")) for r in doc["targets"]}
+    lines = ["", "Live shadow compare (serve/shadow.jsonl; the candidate re-runs sampled baseline requests off the "
+                 "response path; KLD teacher-forced on the baseline's output):", "",
+             "| candidate | baseline | shadowed | skipped | exact match | live KLD mean | live KLD p95 | offline KLD | "
+             "first divergence (median) |", "|---|---|---|---|---|---|---|---|---|"]
+    for (base, cand) in sorted({(r.get("baseline", "?"), r.get("candidate", "?")) for r in shadow}):
+        s = summarize([r for r in shadow if (r.get("baseline", "?"), r.get("candidate", "?")) == (base, cand)])
+        lines.append(f"| {cand} | {base} | {s['shadowed']} | {s['skipped']} | {_fmt(s['exact_match'], '{:.1%}')} | "
+                     f"{_fmt(s['kld_mean'], '{:.6f}')} | {_fmt(s['kld_p95'], '{:.6f}')} | {_fmt(offline.get(cand), '{:.6f}')} | "
+                     f"{_fmt(s['first_divergence_median'], '{:.0f}')} |")
+    return lines
+
+
+def render_md(doc: dict, baseline: dict | None = None, shadow: list[dict] | None = None) -> str:
     old = {r["name"]: r for r in _rows(baseline)} if baseline else {}
     head = ["target", "runtime", "kernel", "verdict", "tokenizer"] + [c[0] for c in COLUMNS]
     lines = [f"## quantprism build — {'all gates pass' if doc['passed'] else 'GATES FAILED'}", "",
@@ -117,6 +134,8 @@ def render_md(doc: dict, baseline: dict | None = None) -> str:
     fails = _failures(doc)
     if fails:
         lines += ["", "**Failures:**", ""] + [f"- {f}" for f in fails]
+    if shadow:
+        lines += _shadow_lines(doc, shadow)
     lines += ["", "Seconds: " + ", ".join(f"{k} {v}" for k, v in doc["seconds"].items())]
     return "\n".join(lines) + "\n"
 
@@ -164,7 +183,7 @@ def _svg_bars(bars: list[tuple[str, float, bool]], w: int = 560) -> str:
     return "\n".join(out + ["</svg>"])
 
 
-def render_html(doc: dict, baseline: dict | None = None) -> str:
+def render_html(doc: dict, baseline: dict | None = None, shadow: list[dict] | None = None) -> str:
     md_rows = _rows(doc)
     head = ["target", "runtime", "kernel", "verdict", "tokenizer"] + [c[0] for c in COLUMNS]
     trs = []
@@ -188,11 +207,11 @@ tr.fail td{{background:#fde2e2}} tr.pass td{{background:#e6f6ea}} tr.ref td{{bac
 {f'<h2>Failures</h2><ul id="failures">{fails}</ul>' if fails else ''}
 <div class="plots"><figure><figcaption>Quality vs size</figcaption>{scatter}</figure>
 <figure><figcaption>Decode speed per backend</figcaption>{bars}</figure></div>
-<pre>{html.escape(render_md(doc, baseline))}</pre>
+<pre>{html.escape(render_md(doc, baseline, shadow))}</pre>
 </body></html>
 """
 
 
-def write_reports(doc: dict, out: Path, baseline: dict | None = None) -> None:
-    write_text_atomic(out / "report.md", render_md(doc, baseline))
-    write_text_atomic(out / "report.html", render_html(doc, baseline))
+def write_reports(doc: dict, out: Path, baseline: dict | None = None, shadow: list[dict] | None = None) -> None:
+    write_text_atomic(out / "report.md", render_md(doc, baseline, shadow))
+    write_text_atomic(out / "report.html", render_html(doc, baseline, shadow))

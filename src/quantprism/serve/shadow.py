@@ -91,5 +91,4 @@ def summarize(records: list[dict]) -> dict:
             "exact_match": (sum(r["exact_match"] for r in done) / len(done)) if done else None,
             "kld_mean": float(np.mean(klds)) if klds else None,
             "kld_p95": float(np.percentile(klds, 95)) if klds else None,
-            "first_divergence_median": float(np.median(div)) if div else None,
-            "candidates": sorted({r.get("candidate", "?") for r in records})}
+            "first_divergence_median": float(np.median(div)) if div else None}
