@@ -150,7 +150,10 @@ def main() -> None:
     if "onnx" in parts:
         out = args.work / "onnx.json"
         res["runs"]["onnx"] = child([py, str(HERE / "onnx_vs_ort.py"), "--model", str(model), *th,
-                                     "--ours-settings", '[{"symmetric": true}, {"symmetric": false}]',
+                                     # block 64: at 32 this model's Q4_1 origin makes asymmetric 4-bit lossless;
+                                     # ORT's GPTQ is its RTN here (ort_gptq_check) at ~an hour of Hessians
+                                     "--block", "64", "--skip-rows", "ort_nbits4_gptq",
+                                     "--ours-settings", '[{"symmetric": true, "tune": 2, "tune_round": true}]',
                                      "--work", str(args.work / "onnx"), "--out", str(out)], args.work / "onnx.log")
         if out.is_file():
             res["parts"]["onnx"] = json.loads(out.read_text())
@@ -202,6 +205,10 @@ def summarise(parts: dict) -> dict:
         s["gguf"] = {ft: {k: v for k, v in g[ft].items() if k != "details"} for ft in ("Q4_K_M", "Q5_K_M") if ft in g}
         s["gguf"]["autoround_runs"] = g.get("autoround_runs")
         s["gguf"]["seconds"] = g.get("seconds")
+        s["gguf"]["tune"] = {"tune": g.get("tune"), "tune_round": g.get("tune_round")}
+    u = parts.get("gguf-untuned")  # the same benchmark without tuning (Q5_K_M's better row)
+    if u:
+        s["gguf_untuned"] = {ft: {k: v for k, v in u[ft].items() if k != "details"} for ft in ("Q4_K_M", "Q5_K_M") if ft in u}
     x = parts.get("experiments")  # technique experiments (which won, which lost), same evaluator as peers.py
     if x:
         s["techniques_w4_g64_sym"] = [{"variant": r["variant"], "kld": r["kld"], "top1": r["top1"], "ppl_ratio": r["ppl_ratio"],

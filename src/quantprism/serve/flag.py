@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import logging
 import os
 import socket
 import sys
@@ -20,6 +21,8 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..manifest import write_json_atomic
+
+log = logging.getLogger(__name__)
 
 FLAG_SCHEMA = 1
 ORIGINAL = "original"  # the arm name of the unquantized model (served by the torch reference runtime)
@@ -145,6 +148,8 @@ class FlagWatcher:
             except ConfigError:
                 self.errors += 1
                 return self.state
-            if new is not None:
+            if new is not None and new != self.state:
+                log.info("flag v%d applied: %s share %g, shadow %g (%s, by %s)", new.version, new.candidate, new.share,
+                         new.shadow, new.reason, new.changed_by)
                 self.state = new
         return self.state
