@@ -156,7 +156,8 @@ class Server:
         if shadow:
             self._spawn_shadow(req, ids, done, msg.get("array"), state)
         return JSONResponse(oa.response(req.kind, rid, arm_name, done["text"], done["finish_reason"], len(ids),
-                                        len(done["tokens"])))
+                                        len(done["tokens"])),
+                            headers={"X-Quantprism-Runtime-Seconds": f"{done['seconds']:.6f}"})  # time in the runtime
 
     async def _stream(self, req, ids, arm_name, shadow, state, rid, endpoint, t0, fallback) -> Response:
         arm = self.arms[arm_name]
