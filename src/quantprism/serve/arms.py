@@ -12,7 +12,6 @@ import itertools
 import json
 import logging
 import multiprocessing as mp
-import queue
 import threading
 import time
 from collections import deque
@@ -61,7 +60,7 @@ class Arm:
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._lock = threading.Lock()
-        self._out: queue.Queue = queue.Queue()
+        self._wlock = threading.Lock()
         self._service = deque(maxlen=64)  # recent seconds per generate, for Retry-After
         self.proc = None
         self.conn = None
@@ -91,11 +90,10 @@ class Arm:
         self.info = first["ready"]
         self.down_reason = None
         threading.Thread(target=self._reader, name=f"arm-{self.name}-reader", daemon=True).start()
-        threading.Thread(target=self._writer, name=f"arm-{self.name}-writer", daemon=True).start()
 
     def stop(self) -> None:
         if self.conn is not None and self.down_reason is None:
-            self._out.put({"op": "quit"})
+            self._send({"op": "quit"})
         self.down_reason = self.down_reason or "stopped"
         if self.proc is not None:
             self.proc.join(5)
@@ -113,15 +111,13 @@ class Arm:
         return len(self._pending)
 
     # wire --------------------------------------------------------------------------------------------------------
-    def _writer(self) -> None:
-        while True:
-            msg = self._out.get()
+    def _send(self, msg: dict) -> None:
+        """Write one request (the worker drains its pipe continuously, so this does not wait on a generation)."""
+        with self._wlock:
             try:
                 self.conn.send_bytes(json.dumps(msg).encode())
             except (OSError, ValueError):
-                return
-            if msg.get("op") == "quit":
-                return
+                pass  # the process is gone: the reader reports the arm down and fails what is pending
 
     def _reader(self) -> None:
         while True:
@@ -166,7 +162,7 @@ class Arm:
             rid = next(self._ids)
             ev: asyncio.Queue = asyncio.Queue()
             self._pending[rid] = _Pending(loop, ev, op)
-        self._out.put({"op": op, "id": rid, **payload})
+        self._send({"op": op, "id": rid, **payload})
         return rid, ev
 
     # requests ----------------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import threading
 import time
 from pathlib import Path
 
@@ -102,11 +104,19 @@ def worker_main(conn, runtime: str, artifact: str, threads: int | None, n_ctx: i
     eos = sess.eos if isinstance(sess.eos, set | list | tuple) else {sess.eos}
     _send(conn, {"ready": {"runtime": sess.runtime, "kernel": sess.kernel, "threads": sess.threads, "pid": os.getpid(),
                            "eos": sorted(int(e) for e in eos if e is not None)}})
+    inbox: queue.Queue = queue.Queue()
+
+    def drain() -> None:  # read requests while one generates, so the server's writes never wait on a full pipe
+        while True:
+            try:
+                inbox.put(json.loads(conn.recv_bytes()))
+            except (EOFError, OSError, ValueError):
+                inbox.put({"op": "quit"})
+                return
+
+    threading.Thread(target=drain, name="arm-inbox", daemon=True).start()
     while True:
-        try:
-            req = json.loads(conn.recv_bytes())
-        except (EOFError, OSError):
-            break
+        req = inbox.get()
         op = req.get("op")
         if op == "quit":
             break
