@@ -206,9 +206,11 @@ def summarise(parts: dict) -> dict:
         s["gguf"]["autoround_runs"] = g.get("autoround_runs")
         s["gguf"]["seconds"] = g.get("seconds")
         s["gguf"]["tune"] = {"tune": g.get("tune"), "tune_round": g.get("tune_round")}
-    u = parts.get("gguf-untuned")  # the same benchmark without tuning (Q5_K_M's better row)
-    if u:
-        s["gguf_untuned"] = {ft: {k: v for k, v in u[ft].items() if k != "details"} for ft in ("Q4_K_M", "Q5_K_M") if ft in u}
+    for key in ("gguf-untuned", "gguf-q5-ownchain"):  # without tuning (Q5_K_M's better row); Q5_K_M tuned on its own chain
+        u = parts.get(key)
+        if u:
+            s[key.replace("-", "_")] = {ft: {k: v for k, v in u[ft].items() if k != "details"}
+                                        for ft in ("Q4_K_M", "Q5_K_M") if ft in u}
     x = parts.get("experiments")  # technique experiments (which won, which lost), same evaluator as peers.py
     if x:
         s["techniques_w4_g64_sym"] = [{"variant": r["variant"], "kld": r["kld"], "top1": r["top1"], "ppl_ratio": r["ppl_ratio"],
