@@ -89,32 +89,33 @@ class GreedySession:
         raise NotImplementedError
 
     def timed_generate(self, ids: list[int], max_tokens: int, stop_at_eos: bool = True) -> tuple[list[int], float, list[float]]:
-        t0 = time.perf_counter()
-        tok = int(np.argmax(self._prefill([int(i) for i in ids], max_tokens)))
-        ttft = time.perf_counter() - t0
+        """``stream``, greedy, timed: seconds to the first token (prefill), then seconds per later token (decode)."""
+        t0 = last = time.perf_counter()
+        ttft: float | None = None
         out: list[int] = []
         per_token: list[float] = []
-        while len(out) < max_tokens and not (stop_at_eos and tok in self.eos):
+        for tok in self.stream(ids, max_tokens, stop_at_eos=stop_at_eos):
+            now = time.perf_counter()
+            if ttft is None:
+                ttft = now - t0
+            else:
+                per_token.append(now - last)
+            last = now
             out.append(tok)
-            if len(out) == max_tokens:
-                break
-            t1 = time.perf_counter()
-            tok = int(np.argmax(self._decode(tok)))
-            per_token.append(time.perf_counter() - t1)
-        return out, ttft, per_token
+        return out, (time.perf_counter() - t0) if ttft is None else ttft, per_token
 
     def generate(self, ids: list[int], max_tokens: int) -> list[int]:
         return self.timed_generate(ids, max_tokens)[0]
 
-    def stream(self, ids: list[int], max_tokens: int, sampling: Sampling = GREEDY,
-               rows: list | None = None) -> Iterator[int]:
-        """The same loop, one token at a time, drawn by ``sampling`` (serving; stops at EOS, not yielding it).
-        ``rows``: if given, each yielded token's logits row is appended (a shadow compare's baseline distribution)."""
+    def stream(self, ids: list[int], max_tokens: int, sampling: Sampling = GREEDY, rows: list | None = None,
+               stop_at_eos: bool = True) -> Iterator[int]:
+        """The loop: tokens one at a time, drawn by ``sampling``; EOS ends it (not yielded) unless ``stop_at_eos`` is
+        False. ``rows``: if given, each yielded token's logits row is appended (a shadow compare's baseline)."""
         pick = sampling.picker()
         row = self._prefill([int(i) for i in ids], max_tokens)
         tok = pick(row)
         n = 0
-        while n < max_tokens and tok not in self.eos:
+        while n < max_tokens and not (stop_at_eos and tok in self.eos):
             if rows is not None:
                 rows.append(np.asarray(row, dtype=np.float32))
             yield tok
