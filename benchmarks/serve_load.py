@@ -63,7 +63,8 @@ def start_server(build: Path, port: int, threads: int, max_queue: int) -> subpro
 
 
 def overhead(build: Path, url: str, threads: int, max_tokens: int, repeats: int) -> dict:
-    """p50 of the same greedy request straight through llama.cpp and through the server, interleaved."""
+    """p50 of the same greedy request straight through llama.cpp and through the server, interleaved, plus the floor
+    any HTTP server pays on this machine: a no-op round trip (/healthz) after the same idle time."""
     import httpx
 
     from quantprism.runtimes import open_runtime
@@ -77,8 +78,8 @@ def overhead(build: Path, url: str, threads: int, max_tokens: int, repeats: int)
     ids = list(tok(PROMPT, add_special_tokens=False)["input_ids"])  # the bundled tokenizer adds no BOS
     sess = open_runtime("llamacpp", gguf, threads=threads)
     body = {"model": "llamacpp-cpu-q4km", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
-    direct, served, inside = [], [], []
-    with httpx.Client(timeout=60) as client:
+    direct, served, inside, floor = [], [], [], []
+    with httpx.Client(timeout=120) as client:
         for _ in range(3):  # warm both paths
             list(sess.stream(ids, max_tokens))
             client.post(url + "/v1/completions", json=body).raise_for_status()
@@ -92,14 +93,25 @@ def overhead(build: Path, url: str, threads: int, max_tokens: int, repeats: int)
             r.raise_for_status()
             inside.append(float(r.headers["x-quantprism-runtime-seconds"]))
             assert r.json()["usage"]["completion_tokens"] == len(out)
+            time.sleep(direct[-1])  # both processes idle as long as during a generation, then a no-op request
+            t0 = time.perf_counter()
+            client.get(url + "/healthz").raise_for_status()
+            floor.append(time.perf_counter() - t0)
     sess.close()
-    d50, s50, i50 = float(np.median(direct)), float(np.median(served)), float(np.median(inside))
+    d, s, i, f = (np.array(x) for x in (direct, served, inside, floor))
+    d50, s50, i50 = float(np.median(d)), float(np.median(s)), float(np.median(i))
+    ms = lambda x: [round(float(v) * 1e3, 3) for v in x]  # noqa: E731
     return {"prompt_tokens": len(ids), "max_tokens": max_tokens, "generated": len(out), "repeats": repeats,
             "threads": threads, "direct_p50_ms": d50 * 1e3, "served_p50_ms": s50 * 1e3,
-            "direct_p95_ms": float(np.percentile(direct, 95)) * 1e3, "served_p95_ms": float(np.percentile(served, 95)) * 1e3,
-            "served_inside_runtime_p50_ms": i50 * 1e3, "overhead_p50": (s50 - d50) / d50,
-            # the server's own share: HTTP, JSON, tokenization, routing, the pipe — against the same generation
-            "serving_layers_p50": (s50 - i50) / i50, "goal": "≤ 0.03"}
+            "direct_p95_ms": float(np.percentile(d, 95)) * 1e3, "served_p95_ms": float(np.percentile(s, 95)) * 1e3,
+            "served_inside_runtime_p50_ms": i50 * 1e3,
+            # the runtime's speed drifts by tens of percent on a shared VM: the per-request (paired) ratio is the figure
+            "overhead_p50": float(np.median((s - d) / d)), "overhead_of_p50s": (s50 - d50) / d50,
+            # what the serving layers add to the same generation (HTTP, JSON, tokenization, routing, the pipe), in ms
+            "serving_ms_p50": float(np.median(s - i)) * 1e3, "serving_layers_p50": float(np.median((s - i) / i)),
+            "arm_runtime_vs_direct_p50": float(np.median((i - d) / d)),
+            "idle_noop_roundtrip_ms_p50": float(np.median(f)) * 1e3,
+            "raw_ms": {"direct": ms(d), "served": ms(s), "inside": ms(i), "noop_after_idle": ms(f)}, "goal": "≤ 0.03"}
 
 
 async def load(url: str, build: Path, clients: int, seconds: float, max_tokens: int) -> dict:
@@ -164,11 +176,12 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=200)
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--max-tokens", type=int, default=32, help="per load-test request")
-    ap.add_argument("--overhead-tokens", type=int, default=128, help="per overhead request")
+    ap.add_argument("--overhead-tokens", default="128,512", help="max_tokens of the overhead requests (comma list)")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1, help="threads per arm (and for the direct session)")
     ap.add_argument("--max-queue", type=int, default=16)
     ap.add_argument("--port", type=int, default=8791)
+    ap.add_argument("--skip-load", action="store_true", help="Only the overhead phase (--out gets just that).")
     args = ap.parse_args()
     if not 1 <= args.clients <= 1000 or not 1 <= args.seconds <= 600:
         sys.exit("error: --clients 1–1000 and --seconds 1–600 (the test is bounded)")
@@ -177,8 +190,12 @@ def main() -> None:
     url = f"http://127.0.0.1:{args.port}"
     proc = start_server(build, args.port, args.threads, args.max_queue)
     try:
-        over = overhead(build, url, args.threads, args.overhead_tokens, args.repeats)
-        print(json.dumps({"overhead": over}), flush=True)
+        over = [overhead(build, url, args.threads, int(n), args.repeats) for n in args.overhead_tokens.split(",")]
+        for o in over:
+            print(json.dumps({k: v for k, v in o.items() if k != "raw_ms"}), flush=True)
+        if args.skip_load:
+            args.out.write_text(json.dumps({"overhead": over}, indent=1) + "\n")
+            return
         subprocess.run([sys.executable, "-m", "quantprism.cli", "flag", str(build), "--share", "1"], check=True, cwd=ROOT,
                        stdout=subprocess.DEVNULL)
         res = asyncio.run(load(url, build, args.clients, args.seconds, args.max_tokens))
@@ -197,7 +214,7 @@ def main() -> None:
     m = detect()
     out = {"overhead": over, "load": res, "health_after": health["status"],
            "metrics_lines": sum(1 for ln in metrics.splitlines() if ln.startswith("quantprism_")),
-           "goals": {"no_failed_request": res["failed"] == 0, "overhead_p50_le_3pct": over["overhead_p50"] <= 0.03,
+           "goals": {"no_failed_request": res["failed"] == 0, **{f"overhead_p50_le_3pct_at_{o['max_tokens']}_tokens": o["overhead_p50"] <= 0.03 for o in over},
                      "rollback_without_failure": res["rollback"]["exit_code"] == 0 and res["failed"] == 0
                      and res["rollback"]["served_by_candidate_after"] == 0},
            "machine": {"cpu": m.cpu, "kind": m.kind, "cores": m.cores}, "versions": versions(

@@ -4,6 +4,10 @@ The worker runs one request at a time (a runtime session is one stream); ``max_q
 beyond that is refused at once (the server answers 429 with Retry-After from the arm's recent service time) —
 queueing without bound only turns overload into timeouts for everyone. If the process dies, every request in it
 fails with ``ArmDown`` and the arm stays down (the router sends its traffic to the baseline).
+
+The wire, for latency: the waiting requests stay here, and the pipe carries one request at a time, so a write
+never waits on a busy worker and the worker reads on its own main thread. The event loop reads the pipe itself
+(``add_reader``): no thread hop between the worker's answer and the request's coroutine.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import itertools
 import json
 import logging
 import multiprocessing as mp
-import threading
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -45,9 +49,9 @@ class ArmSpec:
 
 @dataclass
 class _Pending:
-    loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     kind: str
+    wire: bytes  # the request as sent to the worker
     t0: float = field(default_factory=time.perf_counter)
 
 
@@ -58,9 +62,10 @@ class Arm:
         self.info: dict = {}
         self.down_reason: str | None = "not started"
         self._ids = itertools.count(1)
-        self._pending: dict[int, _Pending] = {}
-        self._lock = threading.Lock()
-        self._wlock = threading.Lock()
+        self._pending: dict[int, _Pending] = {}  # in the worker (at most one) or waiting here, in arrival order
+        self._waiting: deque[int] = deque()
+        self._inflight: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop that reads the pipe
         self._service = deque(maxlen=64)  # recent seconds per generate, for Retry-After
         self.proc = None
         self.conn = None
@@ -89,12 +94,26 @@ class Arm:
             raise ArmDown(f"arm {self.name}: {self.spec.runtime} cannot open {self.spec.artifact}: {first['fatal']}")
         self.info = first["ready"]
         self.down_reason = None
-        threading.Thread(target=self._reader, name=f"arm-{self.name}-reader", daemon=True).start()
+
+    def attach(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Read the worker's pipe in ``loop`` (the running one by default); the server attaches at startup so a dead
+        worker is noticed without traffic. Re-attaching to another loop moves the reader."""
+        loop = loop or asyncio.get_running_loop()
+        if loop is self._loop or self.conn is None:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self.conn.fileno())
+        self._loop = loop
+        loop.add_reader(self.conn.fileno(), self._on_readable)
+        # uvloop (libuv) makes a polled fd non-blocking; the pipe's framing wants whole messages: a large one (logits
+        # rows) is read to its end here while the worker writes it, and a write never fails half-done
+        os.set_blocking(self.conn.fileno(), True)
 
     def stop(self) -> None:
         if self.conn is not None and self.down_reason is None:
-            self._send({"op": "quit"})
+            self._write(json.dumps({"op": "quit"}).encode())
         self.down_reason = self.down_reason or "stopped"
+        self._detach()
         if self.proc is not None:
             self.proc.join(5)
             if self.proc.is_alive():
@@ -111,42 +130,60 @@ class Arm:
         return len(self._pending)
 
     # wire --------------------------------------------------------------------------------------------------------
-    def _send(self, msg: dict) -> None:
-        """Write one request (the worker drains its pipe continuously, so this does not wait on a generation)."""
-        with self._wlock:
-            try:
-                self.conn.send_bytes(json.dumps(msg).encode())
-            except (OSError, ValueError):
-                pass  # the process is gone: the reader reports the arm down and fails what is pending
+    def _write(self, wire: bytes) -> None:
+        try:
+            self.conn.send_bytes(wire)
+        except (OSError, ValueError):
+            pass  # the process is gone: the reader sees EOF, reports the arm down and fails what is pending
 
-    def _reader(self) -> None:
-        while True:
+    def _next(self) -> None:
+        """Hand the oldest waiting request to the worker when it is free."""
+        if self._inflight is None and self._waiting:
+            self._inflight = self._waiting.popleft()
+            self._write(self._pending[self._inflight].wire)
+
+    def _detach(self) -> None:
+        if self._loop is not None and not self._loop.is_closed() and self.conn is not None:
             try:
-                msg = json.loads(self.conn.recv_bytes())
-                if "logits" in msg:
-                    raw = self.conn.recv_bytes()
-                    msg["array"] = np.frombuffer(raw, dtype=np.float32).reshape(msg["logits"])
-            except (EOFError, OSError, ValueError):
-                break
-            rid = msg.get("id")
-            with self._lock:
-                p = self._pending.get(rid)
-                final = "text" not in msg
-                if p is not None and final:
-                    del self._pending[rid]
-            if p is None:
-                continue
-            if final and p.kind == "generate" and "done" in msg:
+                self._loop.remove_reader(self.conn.fileno())
+            except (OSError, ValueError):
+                pass
+        self._loop = None
+
+    def _on_readable(self) -> None:
+        """One message from the worker (called by the event loop when the pipe is readable)."""
+        try:
+            msg = json.loads(self.conn.recv_bytes())
+            if "logits" in msg:
+                raw = self.conn.recv_bytes()
+                msg["array"] = np.frombuffer(raw, dtype=np.float32).reshape(msg["logits"])
+        except (EOFError, OSError, ValueError):
+            self._down()
+            return
+        rid = msg.get("id")
+        p = self._pending.get(rid)
+        if p is None:
+            return
+        if "text" not in msg:  # final: the worker is free for the next request
+            del self._pending[rid]
+            if self._inflight == rid:
+                self._inflight = None
+            self._next()
+            if p.kind == "generate" and "done" in msg:
                 self._service.append(time.perf_counter() - p.t0)
-            p.loop.call_soon_threadsafe(p.events.put_nowait, msg)
+        p.events.put_nowait(msg)
+
+    def _down(self) -> None:
+        self._detach()
         code = self.proc.exitcode if self.proc is not None else None
         if self.down_reason is None:
             self.down_reason = f"runtime process exited (code {code})"
             log.error("arm %s is down: %s; its traffic goes to the baseline", self.name, self.down_reason)
-        with self._lock:
-            pending, self._pending = self._pending, {}
+        pending, self._pending = self._pending, {}
+        self._waiting.clear()
+        self._inflight = None
         for p in pending.values():
-            p.loop.call_soon_threadsafe(p.events.put_nowait, {"down": self.down_reason})
+            p.events.put_nowait({"down": self.down_reason})
 
     def retry_after(self) -> int:
         per = float(np.median(self._service)) if self._service else 1.0
@@ -155,14 +192,14 @@ class Arm:
     def _submit(self, op: str, payload: dict, limit: int | None) -> tuple[int, asyncio.Queue]:
         if not self.up:
             raise ArmDown(f"arm {self.name} is down: {self.down_reason}")
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            if limit is not None and len(self._pending) >= 1 + limit:
-                raise Overloaded(self.name, self.retry_after())
-            rid = next(self._ids)
-            ev: asyncio.Queue = asyncio.Queue()
-            self._pending[rid] = _Pending(loop, ev, op)
-        self._send({"op": op, "id": rid, **payload})
+        self.attach()
+        if limit is not None and len(self._pending) >= 1 + limit:
+            raise Overloaded(self.name, self.retry_after())
+        rid = next(self._ids)
+        ev: asyncio.Queue = asyncio.Queue()
+        self._pending[rid] = _Pending(ev, op, json.dumps({"op": op, "id": rid, **payload}).encode())
+        self._waiting.append(rid)
+        self._next()
         return rid, ev
 
     # requests ----------------------------------------------------------------------------------------------------

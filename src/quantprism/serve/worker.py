@@ -5,7 +5,8 @@ aborts on some input must take out only its arm, not the server, and vLLM wants 
 its own process. The wire is a multiprocessing pipe carrying JSON (``send_bytes``), never pickles; logits travel
 as a JSON header followed by the raw float32 bytes.
 
-Messages in: {"op": "generate", "id", "ids", "max_tokens", "sampling": {...}, "stream": bool, "stop": [...]},
+The server writes the next request only after the previous one's final message, so this process reads its pipe on
+its main thread, between requests. Messages in: {"op": "generate", "id", "ids", "max_tokens", "sampling": {...}, "stream": bool, "stop": [...]},
 {"op": "logits", "id", "ids"}, {"op": "tokenize", "id", "text"}, {"op": "quit"}.
 Messages out: {"ready": {...}} once, then per request {"id", "token", "text"} (streaming), {"id", "done": {...}},
 {"id", "logits": [T, V]} + bytes, {"id", "ids"}, or {"id", "error"}. {"fatal"} when the session cannot open.
@@ -14,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import threading
 import time
 from pathlib import Path
 
@@ -104,19 +103,11 @@ def worker_main(conn, runtime: str, artifact: str, threads: int | None, n_ctx: i
     eos = sess.eos if isinstance(sess.eos, set | list | tuple) else {sess.eos}
     _send(conn, {"ready": {"runtime": sess.runtime, "kernel": sess.kernel, "threads": sess.threads, "pid": os.getpid(),
                            "eos": sorted(int(e) for e in eos if e is not None)}})
-    inbox: queue.Queue = queue.Queue()
-
-    def drain() -> None:  # read requests while one generates, so the server's writes never wait on a full pipe
-        while True:
-            try:
-                inbox.put(json.loads(conn.recv_bytes()))
-            except (EOFError, OSError, ValueError):
-                inbox.put({"op": "quit"})
-                return
-
-    threading.Thread(target=drain, name="arm-inbox", daemon=True).start()
-    while True:
-        req = inbox.get()
+    while True:  # the server sends one request at a time (serve/arms.py keeps the queue), so reading here never lags
+        try:
+            req = json.loads(conn.recv_bytes())
+        except (EOFError, OSError, ValueError):
+            break
         op = req.get("op")
         if op == "quit":
             break
