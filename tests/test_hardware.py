@@ -44,6 +44,50 @@ def test_machine_matches_labels():
     assert avx2.matches("cpu-avx2") and avx2.matches("cpu") and not avx2.matches("cpu-avx512-vnni")
     assert vnni.matches("cpu-avx2") and vnni.matches("cpu-avx512-vnni")  # ±63 is exact on both
     assert not avx2.matches("gpu-cuda") and not vnni.matches("gpu-cuda")
+    assert vnni.matches("cpu-x86-avx512-vnni") and not avx2.matches("cpu-x86-avx512-vnni")
+    assert avx2.missing("cpu-x86-avx512-vnni") == ["avx512f", "avx512_vnni"]
+    h100 = Machine("Xeon", ("avx2",), 16, "cpu-avx2", True, "x86_64", frozenset({"avx2", "cuda", "sm80", "sm90"}))
+    a100 = Machine("EPYC", ("avx2",), 16, "cpu-avx2", True, "x86_64", frozenset({"avx2", "cuda", "sm80"}))
+    assert h100.matches("gpu-sm90") and h100.matches("gpu-sm80") and h100.label == "gpu-sm90"
+    assert a100.matches("gpu-sm80") and a100.missing("gpu-sm90") == ["sm90"] and a100.label == "gpu-sm80"
+    arm = Machine("Neoverse", (), 4, "cpu", True, "aarch64", frozenset({"asimd", "fp"}))
+    assert arm.label == "cpu-arm64" and arm.missing("cpu-x86-avx2")[0] == "arch x86_64"
+
+
+def test_hardware_tables_define_labels_and_drive_the_int8_grid(tmp_path):
+    """A [hardware.LABEL] table names what the label promises; the exporters' int8 rule reads those features, not
+    the label's spelling: a VNNI label with a neutral name gets the full grid."""
+    from quantprism.config import parse_targets
+
+    p = tmp_path / "t.toml"
+    p.write_text("""
+[hardware.fleet-a]
+features = ["avx2", "avx512_vnni"]
+runner = "self-hosted"
+extras = ["onnx"]
+[target.a]
+format = "onnx"
+runtime = "onnxruntime"
+quant = "w8a8"
+group_size = -1
+method = "smoothquant+rtn"
+hardware = "fleet-a"
+[target.b]
+format = "onnx"
+runtime = "onnxruntime"
+quant = "w8a8"
+group_size = -1
+method = "smoothquant+rtn"
+hardware = "cpu-x86-avx2"
+""")
+    tf = parse_targets(p)
+    a, b = tf.targets["a"], tf.targets["b"]
+    assert a.hardware_spec.runner == ("self-hosted",) and a.hardware_spec.extras == ("onnx",)
+    assert not int8_reduced(a) and int8_reduced(b)
+    assert grid_needs(a).grids[0].endswith("_fp32") and grid_needs(b).grids[0].endswith("_r_fp32")
+    p.write_text(p.read_text().replace('extras = ["onnx"]', 'extras = ["onnx"]\nfeatrues = ["x"]'))
+    with pytest.raises(Exception, match="featrues.*did you mean 'features'"):
+        parse_targets(p)
 
 
 def test_avx2_pair_saturation_emulated():

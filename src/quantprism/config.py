@@ -14,9 +14,14 @@ format = "gguf"                  # gguf | gptq | awq | compressed-tensors | onnx
 runtime = "llamacpp"             # llamacpp | vllm | onnxruntime
 quant = "Q4_K_M"                 # GGUF file type, or a scheme for compressed-tensors / onnx
 method = "gptq"                  # rtn | gptq | awq | awq+gptq | smoothquant+rtn | smoothquant+gptq
-hardware = "cpu-avx2"            # label; the CI matrix maps it to runners
+hardware = "cpu-x86-avx2"        # label: what the deployment machine promises; the CI matrix maps it to runners
 [target.llamacpp-cpu-q4km.gates]
 max_kld = 0.05
+
+[hardware.my-epyc]               # optional: define or override a label (built-ins: quantprism.hardware)
+features = ["avx2", "avx512_vnni"]
+runner = ["self-hosted", "epyc"] # GitHub Actions runs-on
+extras = ["gguf", "onnx"]        # pip extras of quantprism its jobs install
 ```
 
 Validation is in two steps: `parse_targets` checks keys, types and combinations that are impossible
@@ -26,11 +31,12 @@ against one model. Errors name the file, the table and the key, on one line.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .hardware import HardwareLabel, resolve_label
 
 METHODS = ("rtn", "gptq", "awq", "awq+gptq", "smoothquant+rtn", "smoothquant+gptq")
 GATES = {
@@ -56,6 +62,7 @@ TARGET_KEYS: dict[str, Any] = {
     "protect": int, "max_bpw": float, "tokenizer_parity": str, "gates": dict, "refit": bool, "tune": int,
     "tune_round": bool,
 }
+HARDWARE_KEYS: dict[str, Any] = {"features": list, "runner": list, "extras": list, "arch": str, "description": str}
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,7 @@ class Target:
     protect: int = 0
     max_bpw: float | None = None
     tokenizer_parity: str = "eval"  # "strict": stress-set mismatches fail the target too
+    hardware_spec: HardwareLabel | None = None  # the label resolved at parse time ([hardware.LABEL] or built in)
     auto_group: bool = False  # group_size was "auto", resolved against the model
     gates: dict[str, float] = field(default_factory=dict)
 
@@ -109,10 +117,12 @@ class TargetsFile:
     path: Path
     defaults: Defaults
     targets: dict[str, Target]
+    hardware: dict[str, HardwareLabel] = field(default_factory=dict)  # the file's own [hardware.LABEL] tables
 
 
 def _type_name(t: Any) -> str:
-    return {str: "a string", int: "an integer", float: "a number", bool: "true/false", dict: "a table"}[t]
+    return {str: "a string", int: "an integer", float: "a number", bool: "true/false", dict: "a table",
+            list: "a list"}[t]
 
 
 def _check_type(where: str, key: str, value: Any, expected: Any) -> Any:
@@ -143,8 +153,8 @@ def parse_targets(path: Path | str) -> TargetsFile:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     for key in data:
-        if key not in ("defaults", "target"):
-            raise ConfigError(f"{path}: unknown top-level table '{key}'{_closest(key, ['defaults', 'target'])}")
+        if key not in ("defaults", "target", "hardware"):
+            raise ConfigError(f"{path}: unknown top-level table '{key}'{_closest(key, ['defaults', 'target', 'hardware'])}")
     raw_defaults = data.get("defaults", {})
     if not isinstance(raw_defaults, dict):
         raise ConfigError(f"{path}: 'defaults' must be a table")
@@ -162,8 +172,37 @@ def parse_targets(path: Path | str) -> TargetsFile:
     raw_targets = data.get("target", {})
     if not isinstance(raw_targets, dict) or not raw_targets:
         raise ConfigError(f"{path}: no [target.NAME] tables; add at least one target")
+    hardware = _parse_hardware(path, data.get("hardware", {}))
     targets = {name: _parse_target(path, name, raw) for name, raw in raw_targets.items()}
-    return TargetsFile(path=path, defaults=defaults, targets=targets)
+    targets = {n: replace(t, hardware_spec=resolve_label(t.hardware, hardware)) for n, t in targets.items()}
+    return TargetsFile(path=path, defaults=defaults, targets=targets, hardware=hardware)
+
+
+def _parse_hardware(path: Path, raw: Any) -> dict[str, HardwareLabel]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: 'hardware' must hold [hardware.LABEL] tables")
+    out = {}
+    for name, table in raw.items():
+        where = f"{path}: [hardware.{name}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where} must be a table")
+        vals: dict[str, Any] = {}
+        for key, value in table.items():
+            if key not in HARDWARE_KEYS:
+                raise ConfigError(f"{where} unknown key '{key}'{_closest(key, list(HARDWARE_KEYS))}")
+            if key == "runner" and isinstance(value, str):
+                value = [value]
+            value = _check_type(where, key, value, HARDWARE_KEYS[key])
+            if isinstance(value, list):
+                if not all(isinstance(v, str) and v for v in value):
+                    raise ConfigError(f"{where} key '{key}': expected a list of non-empty strings, got {value!r}")
+                value = tuple(value)
+            vals[key] = value
+        if vals.get("arch") not in (None, "x86_64", "aarch64"):
+            raise ConfigError(f"{where} key 'arch': {vals['arch']!r}; use \"x86_64\" or \"aarch64\"")
+        base = resolve_label(name)  # a table overrides what it names; the rest comes from the built-in / the name
+        out[name] = replace(base, **vals)
+    return out
 
 
 def _parse_target(path: Path, name: str, raw: Any) -> Target:

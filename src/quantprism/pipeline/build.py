@@ -20,9 +20,11 @@ import numpy as np
 
 from .. import __version__, progress
 from ..config import Target
+from ..exporters.grids import grid_needs
 from ..hardware import detect
 from ..manifest import file_table, write_json_atomic
 from ..model import ModelInfo
+from ..release.artifact import MANIFEST, write_target_manifest
 from ..report.results import SCHEMA, environment, evaluate_gates
 from .rss import peak_mb, reset_peak
 
@@ -53,6 +55,10 @@ class BuildSettings:
     max_memory: int | None = None  # bytes the build may hold: the canonical pass (None: half of the available
     # memory) and the original model's torch row (None: the available memory)
     peak_rss_mb: dict = field(default_factory=dict)  # per stage, this process (runtimes: each worker's own)
+    # the targets the canonical pass is planned for (default: the built ones). `build --only` plans for every target
+    # of the file, so a target's numbers do not depend on which others were built with it — and a CI job per
+    # hardware label reuses the one canonical result of the canonical job
+    plan_targets: list | None = None
 
 
 def export_target(t: Target, info: ModelInfo, res, plan: dict | None, dest: Path, prov: dict):
@@ -223,6 +229,11 @@ def _follow(events: Path, seen: int, bar) -> int:
     return seen
 
 
+def model_record(info: ModelInfo) -> dict:
+    return {"path": str(info.path), "architecture": info.architecture, "n_params": info.n_params,
+            "weights_sha256": info.weights_sha256}
+
+
 def _size(path: Path) -> tuple[dict, int]:
     root = path if path.is_dir() else path.parent
     files = file_table(root) if path.is_dir() or path.suffix == ".onnx" else {path.name: file_table(root)[path.name]}
@@ -285,8 +296,8 @@ def build(targets: list[Target], info: ModelInfo, s: BuildSettings, progress=Non
     s.out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict] = {}
     t0 = time.perf_counter()
-    recipes, index = plan_recipes(targets, info)
-    s.log(f"canonical stage: {len(recipes)} recipe(s) for {len(targets)} target(s)")
+    recipes, index = plan_recipes(s.plan_targets or targets, info)
+    s.log(f"canonical stage: {len(recipes)} recipe(s) for {len(s.plan_targets or targets)} target(s)")
     reset_peak()
     run = run_stage(info, recipes, s.calibration, s.samples, s.seq_len, s.seed, progress=progress, device=s.device,
                     max_memory=s.max_memory)
@@ -309,7 +320,8 @@ def build(targets: list[Target], info: ModelInfo, s: BuildSettings, progress=Non
     for t in targets:
         row = {"name": t.name, "format": t.format, "runtime": t.runtime, "scheme": t.scheme, "method": t.method,
                "hardware": t.hardware, "group_size": t.group_size, "group_size_auto": t.auto_group,
-               "validated_on": machine.kind, "hardware_match": machine.matches(t.hardware),
+               "validated_on": machine.label, "hardware_match": machine.matches(t.hardware_spec or t.hardware),
+               "hardware_missing": machine.missing(t.hardware_spec or t.hardware),
                "status": "ok"}
         rows[t.name] = row
         try:
@@ -330,6 +342,13 @@ def build(targets: list[Target], info: ModelInfo, s: BuildSettings, progress=Non
                 mark_export(s.out / t.name, key, artifacts[t.name], references[t.name])
             row["seconds"] = {"export": round(time.perf_counter() - t1, 2)}
             row["artifact"] = str(artifacts[t.name])
+            manifest = write_target_manifest(
+                s.out / t.name, artifacts[t.name], t, model_record(info), run.calibration.record(),
+                dataclasses.asdict(recipes[index[t.name]]) if t.name in index else None,
+                run.paths[index[t.name]].name if t.name in index else None, list(grid_needs(t, info).grids),
+                json.loads(json.dumps(plan, default=str)) if plan else None, machine.label)
+            row["manifest"] = {"path": str(s.out / t.name / MANIFEST), "sha256": manifest["artifact"]["sha256"],
+                               "settings_sha256": manifest["target"]["settings_sha256"]}
             row["files"], row["size_bytes"] = _size(artifacts[t.name])
             row["size_mb"] = round(row["size_bytes"] / 1e6, 3)
             row["bits_per_weight"] = round(8 * row["size_bytes"] / info.n_params, 3)
@@ -374,8 +393,7 @@ def build(targets: list[Target], info: ModelInfo, s: BuildSettings, progress=Non
     s.peak_rss_mb["targets"] = peak_mb()  # this process while the workers ran (each worker's own: its row)
     s.seconds["total"] = round(time.perf_counter() - t_all, 1)
     doc = {
-        "schema": SCHEMA, "model": {"path": str(info.path), "architecture": info.architecture, "n_params": info.n_params,
-                                    "weights_sha256": info.weights_sha256},
+        "schema": SCHEMA, "model": model_record(info),
         "calibration": run.calibration.record(), "eval": {"text": str(s.eval_text), "n_ctx": s.n_ctx, "chunks": s.eval_chunks,
                                                           "threads": s.threads, "skip_bench": s.skip_bench},
         "environment": environment(), "seconds": s.seconds, "peak_rss_mb": s.peak_rss_mb, "original": original,

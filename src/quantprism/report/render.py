@@ -23,6 +23,13 @@ def _fmt(v, f: str) -> str:
     return "–" if v is None else f.format(v)
 
 
+def _machine(doc: dict) -> str:
+    """The hardware label of the machine(s) that validated the build (several after `report --merge`)."""
+    parts = doc.get("merged_from") or [{"machine": (doc["environment"].get("machine") or {})}]
+    labels = [(p.get("machine") or {}).get("label") or (p.get("machine") or {}).get("kind", "?") for p in parts]
+    return ", ".join(dict.fromkeys(labels))
+
+
 def _rows(doc: dict) -> list[dict]:
     return [doc["original"], *doc["targets"]]
 
@@ -104,7 +111,7 @@ def render_md(doc: dict, baseline: dict | None = None, shadow: list[dict] | None
     lines = [f"## quantprism build — {'all gates pass' if doc['passed'] else 'GATES FAILED'}", "",
              f"Model `{doc['model']['path']}` ({doc['model']['n_params']:,} params), calibration sha256 "
              f"`{doc['calibration']['sha256'][:12]}…`, {doc['environment']['cpu']} ({', '.join(doc['environment']['isa'][-4:])}), "
-             f"{doc['eval']['threads']} threads, machine kind `{(doc['environment'].get('machine') or {}).get('kind', '?')}`.", "",
+             f"{doc['eval']['threads']} threads, machine `{_machine(doc)}`.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in _rows(doc):
         cells = [r["name"], r["runtime"], r.get("kernel", "–"), _verdict(r), _parity(r)]
@@ -119,10 +126,11 @@ def render_md(doc: dict, baseline: dict | None = None, shadow: list[dict] | None
             sl = _get(r, ("quality", "slices")) or {}
             lines.append(f"| {r['name']} | " + " | ".join(
                 f"{sl[k]['kld_mean']:.6f} / {sl[k]['top1_agreement']:.3f}" if k in sl else "–" for k in slices) + " |")
-    other = [f"{r['name']} ({r['hardware']})" for r in doc["targets"] if r.get("hardware_match") is False]
+    other = [f"{r['name']} ({r['hardware']}: lacks {', '.join(r.get('hardware_missing') or []) or '?'})"
+             for r in doc["targets"] if r.get("hardware_match") is False]
     if other:
-        lines += ["", f"Built for other hardware than this machine: {', '.join(other)} — validated here with this "
-                      "machine's arithmetic, which is not the deployment's."]
+        lines += ["", f"Built for hardware this machine does not satisfy: {'; '.join(other)} — validated here with this "
+                      "machine's arithmetic, which is not the deployment's; its CI job on that label validates it."]
     emulated = [r["name"] for r in doc["targets"] if r.get("kernel") not in (None, "native")]
     if emulated:
         lines += ["", f"Kernel `emulated-wna16` ({', '.join(emulated)}): vLLM's 4-bit op emulated on a CPU without the "

@@ -1,0 +1,100 @@
+"""Release commands: `hardware` (this machine against the labels), and the CI / reproducibility tools of the
+release pipeline."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from . import DEFAULT_TARGETS, _console, cli
+
+
+@cli.command("hardware", epilog="Example:  quantprism hardware --targets targets.toml")
+@click.option("--targets", "targets_file", type=click.Path(path_type=Path), default=None,
+              help="Also check the labels this targets file uses (default: ./targets.toml if present).")
+@click.option("--json", "as_json", is_flag=True, help="Print the machine and the label checks as JSON.")
+def hardware_cmd(targets_file: Path | None, as_json: bool) -> None:
+    """Print this machine's hardware label and features, and which labels of the targets file it satisfies
+    (a target whose label this machine lacks is validated here with another arithmetic)."""
+    import json
+
+    from rich.table import Table
+
+    from ..config import parse_targets
+    from ..hardware import BUILTIN_LABELS, detect, resolve_label
+
+    m = detect()
+    path = targets_file or (DEFAULT_TARGETS if DEFAULT_TARGETS.is_file() else None)
+    tf = parse_targets(path) if path else None
+    used: dict[str, list[str]] = {}
+    for t in (tf.targets.values() if tf else []):
+        used.setdefault(t.hardware, []).append(t.name)
+    names = list(used) or [n for n in BUILTIN_LABELS if n.count("-") >= 1 and not n.startswith(("cpu-avx", "cpu-amx", "gpu-cuda"))]
+    rows = []
+    for n in names:
+        lab = resolve_label(n, tf.hardware if tf else None)
+        rows.append({"label": n, "satisfied": m.matches(lab), "missing": m.missing(lab), "features": list(lab.features),
+                     "runner": list(lab.runner), "targets": used.get(n, [])})
+    rec = m.record()
+    if as_json:
+        click.echo(json.dumps({"machine": {"label": m.label, "arch": m.arch, "cpu": m.cpu, "cores": m.cores,
+                                           "features": rec["features"]}, "labels": rows}, indent=2))
+        return
+    con = _console()
+    con.print(f"this machine: {m.label} ({m.arch}, {m.cpu}, {m.cores} cores)", markup=False, highlight=False)
+    con.print(f"features: {' '.join(rec['features']) or '-'}", markup=False, highlight=False)
+    table = Table(title=f"labels of {path}" if path else "built-in labels")
+    for col in ("label", "satisfied here", "missing", "promises", "runner", "targets"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["label"], "yes" if r["satisfied"] else "no", ", ".join(r["missing"]) or "-",
+                      ", ".join(r["features"]) or "-", ", ".join(r["runner"]), ", ".join(r["targets"]) or "-")
+    con.print(table)
+
+
+@cli.command("verify", epilog="Example:  quantprism verify build/   (or build/llamacpp-cpu-q4km/model.gguf)")
+@click.argument("path", type=click.Path(path_type=Path))
+def verify_cmd(path: Path) -> None:
+    """Re-hash artifacts against their manifests: a build folder (every target), a target folder or an artifact.
+    Exit 0 when every file matches, 1 when one is missing, changed or unlisted, 2 when there is no manifest."""
+    from ..release.artifact import find_manifests, verify_manifest
+
+    bad = 0
+    for m in find_manifests(path):
+        v = verify_manifest(m)
+        if v["ok"]:
+            click.echo(f"{v['target']}: OK ({v['files']} files match {m})")
+            continue
+        bad += 1
+        what = [f"{k} {', '.join(v[k])}" for k in ("missing", "changed", "unlisted") if v[k]]
+        click.echo(f"{v['target']}: FAILED — {'; '.join(what)}")
+    if bad:
+        raise click.exceptions.Exit(1)
+
+
+@cli.command("stale", epilog="Example:  quantprism stale build/ --targets targets.toml")
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--targets", "targets_file", type=click.Path(path_type=Path), default=None,
+              help="The targets file a rebuild would use (settings, labels, model, calibration); default: the manifests.")
+@click.option("--model", default=None, help="The model a rebuild would use (default: the targets file's or the recorded one).")
+@click.option("--calibration", default=None, help="The calibration source a rebuild would use.")
+@click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON.")
+def stale_cmd(build_dir: Path, targets_file: Path | None, model: str | None, calibration: str | None,
+              as_json: bool) -> None:
+    """List each artifact that must be rebuilt and why: model, calibration, settings, runtime version or hardware
+    label changed. Exit 1 when any is stale (a CI cron step), 0 when all are current."""
+    import json
+
+    from ..release.stale import stale
+
+    rows = stale(build_dir, targets_file, model, calibration)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            if not r["stale"]:
+                click.echo(f"{r['target']}: current")
+            for why in r["reasons"]:
+                click.echo(f"{r['target']}: STALE ({why['cause']}) {why['detail']}")
+    if any(r["stale"] for r in rows):
+        raise click.exceptions.Exit(1)
