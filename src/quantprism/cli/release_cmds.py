@@ -98,3 +98,50 @@ def stale_cmd(build_dir: Path, targets_file: Path | None, model: str | None, cal
                 click.echo(f"{r['target']}: STALE ({why['cause']}) {why['detail']}")
     if any(r["stale"] for r in rows):
         raise click.exceptions.Exit(1)
+
+
+@cli.group("ci")
+def ci_group() -> None:
+    """CI for the deployment matrix: a workflow per hardware label, and the canonical cache key."""
+
+
+@ci_group.command("github", epilog="Example:  quantprism ci github --out .github/workflows/quantprism.yml")
+@click.option("--targets", "targets_file", type=click.Path(path_type=Path), default=DEFAULT_TARGETS, show_default=True)
+@click.option("--runners", type=click.Path(path_type=Path), default=Path("ci/hardware.toml"), show_default=True,
+              help="The repository's hardware → runner map (optional file).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the workflow here (default: stdout).")
+@click.option("--check", is_flag=True, help="Exit 1 when --out differs from what would be generated (a CI/test guard).")
+def ci_github_cmd(targets_file: Path, runners: Path, out: Path | None, check: bool) -> None:
+    """Generate the GitHub Actions workflow: one canonical job, one build job per hardware label, one merge job."""
+    from ..config import parse_targets
+    from ..errors import ConfigError
+    from ..manifest import write_text_atomic
+    from ..release.workflow import github_workflow, load_ci_map
+
+    tf = parse_targets(targets_file)
+    text = github_workflow(tf, targets_file.as_posix(), load_ci_map(runners), runners.as_posix())
+    if check:
+        if out is None:
+            raise ConfigError("--check needs --out FILE (the committed workflow)")
+        if not out.is_file() or out.read_text(encoding="utf-8") != text:
+            click.echo(f"{out} is not current; regenerate: quantprism ci github --targets {targets_file} --out {out}", err=True)
+            raise click.exceptions.Exit(1)
+        click.echo(f"{out} is current")
+        return
+    if out is None:
+        click.echo(text, nl=False)
+        return
+    write_text_atomic(out, text)
+    click.echo(f"wrote {out}")
+
+
+@ci_group.command("key", epilog="Example:  quantprism ci key --targets targets.toml")
+@click.option("--targets", "targets_file", type=click.Path(path_type=Path), default=DEFAULT_TARGETS, show_default=True)
+@click.option("--model", default=None, help="Model directory (overrides [defaults].model).")
+def ci_key_cmd(targets_file: Path, model: str | None) -> None:
+    """Print the canonical result's cache key (model weights, calibration set, recipes, tool version)."""
+    from ..pipeline.commands import load_targets
+    from ..release.workflow import canonical_key
+
+    tf, info = load_targets(targets_file, model)
+    click.echo(canonical_key(tf, info))
