@@ -118,6 +118,7 @@ class TargetsFile:
     defaults: Defaults
     targets: dict[str, Target]
     hardware: dict[str, HardwareLabel] = field(default_factory=dict)  # the file's own [hardware.LABEL] tables
+    drift: dict[str, float] = field(default_factory=dict)  # [drift] thresholds
 
 
 def _type_name(t: Any) -> str:
@@ -153,8 +154,8 @@ def parse_targets(path: Path | str) -> TargetsFile:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     for key in data:
-        if key not in ("defaults", "target", "hardware"):
-            raise ConfigError(f"{path}: unknown top-level table '{key}'{_closest(key, ['defaults', 'target', 'hardware'])}")
+        if key not in ("defaults", "target", "hardware", "drift"):
+            raise ConfigError(f"{path}: unknown top-level table '{key}'{_closest(key, ['defaults', 'target', 'hardware', 'drift'])}")
     raw_defaults = data.get("defaults", {})
     if not isinstance(raw_defaults, dict):
         raise ConfigError(f"{path}: 'defaults' must be a table")
@@ -173,9 +174,26 @@ def parse_targets(path: Path | str) -> TargetsFile:
     if not isinstance(raw_targets, dict) or not raw_targets:
         raise ConfigError(f"{path}: no [target.NAME] tables; add at least one target")
     hardware = _parse_hardware(path, data.get("hardware", {}))
+    drift = _parse_drift(path, data.get("drift", {}))
     targets = {name: _parse_target(path, name, raw) for name, raw in raw_targets.items()}
     targets = {n: replace(t, hardware_spec=resolve_label(t.hardware, hardware)) for n, t in targets.items()}
-    return TargetsFile(path=path, defaults=defaults, targets=targets, hardware=hardware)
+    return TargetsFile(path=path, defaults=defaults, targets=targets, hardware=hardware, drift=drift)
+
+
+def _parse_drift(path: Path, raw: Any) -> dict[str, float]:
+    """[drift]: when `quantprism drift` says re-calibration is due (release/drift.py has the defaults)."""
+    from .release.drift import DRIFT_DEFAULTS
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: 'drift' must be a table")
+    out = {}
+    for key, value in raw.items():
+        if key not in DRIFT_DEFAULTS:
+            raise ConfigError(f"{path}: [drift] unknown key '{key}'{_closest(key, list(DRIFT_DEFAULTS))}")
+        out[key] = _check_type(f"{path}: [drift]", key, value, float)
+        if out[key] <= 0:
+            raise ConfigError(f"{path}: [drift] key '{key}': must be > 0")
+    return out
 
 
 def _parse_hardware(path: Path, raw: Any) -> dict[str, HardwareLabel]:

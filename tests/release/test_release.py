@@ -162,6 +162,61 @@ def test_stale_names_each_cause(builds, tmp_path):
     assert r.returncode == 1 and "q4km: STALE (runtime) llama_cpp_python 0.3.20 → " in r.stdout and "int8: current" in r.stdout
 
 
+def test_bundle_ships_each_target_with_a_card_and_verifies(builds, tmp_path):
+    root, env = builds
+    r = qp("bundle", root / "full", "--out", tmp_path / "rel")
+    assert r.returncode == 0, r.stderr
+    rel = tmp_path / "rel"
+    meta = json.loads((rel / "bundle.json").read_text())
+    assert [t["target"] for t in meta["targets"]] == ["q4km", "int8"]
+    assert meta["original"]["weights_sha256"] == json.loads((root / "full" / "results.json").read_text())["model"]["weights_sha256"]
+    assert not list(rel.rglob("*.safetensors")) or all("artifact" in p.parts for p in rel.rglob("*.safetensors"))
+    card = (rel / "q4km" / "MODEL_CARD.md").read_text()
+    for part in ("## How it was quantized", "## Why this configuration", "| max_size_mb |", "| int8 |", "rare_tokens",
+                 "quantprism rollback"):
+        assert part in card, part
+    assert "lacks" in (rel / "int8" / "MODEL_CARD.md").read_text() or json.loads(
+        (root / "full" / "results.json").read_text())["targets"][1]["hardware_match"]
+    r = qp("verify", rel)
+    assert r.returncode == 0 and r.stdout.count(": OK") == 3, r.stdout
+    (rel / "q4km" / "MODEL_CARD.md").write_text(card.replace("PASS", "FAIL"))
+    r = qp("verify", rel)
+    assert r.returncode == 1 and "changed q4km/MODEL_CARD.md" in r.stdout
+    r = qp("bundle", root / "full", "--out", rel)  # never over an existing bundle
+    assert r.returncode == 2 and "not empty" in r.stderr
+
+
+def test_drift_says_when_recalibration_is_due(builds, tmp_path):
+    root, env = builds
+    from quantprism.model import load_model_info
+
+    assets = load_model_info(None).path.parent
+    calib, heldout = assets / "calibration.txt", assets / "eval_heldout.txt"
+    r = qp("drift", "--calibration", calib, "--sample", heldout, "--targets", root / "targets.toml", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    same = json.loads(r.stdout)
+    assert same["token_js"] < 0.15 and not same["due"] and same["length_tv"] is None
+    # the length mix: long documents calibrated, short chat turns served
+    text = calib.read_text()
+    long_docs = [text[i:i + 4000] for i in range(0, 64000, 4000)]
+    short = [text[i:i + 120] for i in range(0, 64000, 4000)]
+    (tmp_path / "calib.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in long_docs))
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in short))
+    r = qp("drift", "--calibration", tmp_path / "calib.jsonl", "--sample", tmp_path / "chat.jsonl", "--targets",
+           root / "targets.toml", "--json")
+    d = json.loads(r.stdout)
+    assert r.returncode == 1 and d["length_tv"] > 0.5 and any("length mix" in x for x in d["reasons"])
+    # another domain, with the quantized model's own damage measured in its runtime
+    (tmp_path / "t.toml").write_text(TARGETS + "\n[drift]\nmax_kld_ratio = 1.0\n")
+    r = qp("drift", "--calibration", calib, "--sample", ROOT / "README.md", "--targets", tmp_path / "t.toml",
+           "--build", root / "full", "--target", "q4km", "--json")
+    d = json.loads(r.stdout)
+    assert r.returncode == 1 and d["token_js"] > 0.15 and d["kld_ratio"] > 1.0, d
+    assert any("KLD on the sample" in x for x in d["reasons"])
+    r = qp("drift", "--calibration", calib, "--sample", tmp_path / "missing.txt")
+    assert r.returncode == 2 and "no such calibration source" in r.stderr
+
+
 def test_generated_workflow_is_current_and_valid(tmp_path):
     r = qp("ci", "github", "--targets", "targets.toml", "--out", ".github/workflows/quantprism.yml", "--check", cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr

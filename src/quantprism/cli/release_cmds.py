@@ -55,15 +55,17 @@ def hardware_cmd(targets_file: Path | None, as_json: bool) -> None:
 @cli.command("verify", epilog="Example:  quantprism verify build/   (or build/llamacpp-cpu-q4km/model.gguf)")
 @click.argument("path", type=click.Path(path_type=Path))
 def verify_cmd(path: Path) -> None:
-    """Re-hash artifacts against their manifests: a build folder (every target), a target folder or an artifact.
+    """Re-hash artifacts against their manifests: a build folder (every target), a target folder, an artifact, or a
+    bundle (its SHA256SUMS and every target's manifest).
     Exit 0 when every file matches, 1 when one is missing, changed or unlisted, 2 when there is no manifest."""
     from ..release.artifact import find_manifests, verify_manifest
+    from ..release.bundle import BUNDLE, verify_bundle
 
     bad = 0
-    for m in find_manifests(path):
-        v = verify_manifest(m)
+    checks = verify_bundle(path) if (Path(path) / BUNDLE).is_file() else [verify_manifest(m) for m in find_manifests(path)]
+    for v in checks:
         if v["ok"]:
-            click.echo(f"{v['target']}: OK ({v['files']} files match {m})")
+            click.echo(f"{v['target']}: OK ({v['files']} files match {v['manifest']})")
             continue
         bad += 1
         what = [f"{k} {', '.join(v[k])}" for k in ("missing", "changed", "unlisted") if v[k]]
@@ -145,3 +147,59 @@ def ci_key_cmd(targets_file: Path, model: str | None) -> None:
 
     tf, info = load_targets(targets_file, model)
     click.echo(canonical_key(tf, info))
+
+
+@cli.command("bundle", epilog="Example:  quantprism bundle build/ --out release/")
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="A new folder for the bundle.")
+@click.option("--include-failed", is_flag=True, help="Also bundle targets that failed their gates (marked FAIL).")
+def bundle_cmd(build_dir: Path, out: Path, include_failed: bool) -> None:
+    """Collect what ships: per target the artifact and its manifest, its results and a model card; SHA256SUMS over
+    all; the original model referenced by sha256, never copied or modified. Check it with `quantprism verify OUT`."""
+    from ..release.bundle import bundle
+
+    b = bundle(build_dir, out, include_failed)
+    click.echo(f"bundled {', '.join(b['targets'])} into {b['out']} ({b['files']} files); verify: quantprism verify {b['out']}")
+
+
+@cli.command("drift", epilog="Example:  quantprism drift --calibration calib.jsonl --sample traffic.jsonl --build build/ --target q4km")
+@click.option("--calibration", required=True, help="The calibration source the artifacts were built with.")
+@click.option("--sample", required=True, help="A fresh traffic sample (.txt, .jsonl with \"text\", or a folder of .txt).")
+@click.option("--targets", "targets_file", type=click.Path(path_type=Path), default=None,
+              help="Thresholds from its [drift] table and the model from [defaults] (default: ./targets.toml if present).")
+@click.option("--model", default=None, help="Model directory (tokenizer, and the original for the KLD check).")
+@click.option("--build", "build_dir", type=click.Path(path_type=Path), default=None,
+              help="Also measure a built target's KLD on the sample vs on the calibration text, in its runtime.")
+@click.option("--target", default=None, help="The target of --build to measure.")
+@click.option("--json", "as_json", is_flag=True, help="Print the measures as JSON.")
+def drift_cmd(calibration: str, sample: str, targets_file: Path | None, model: str | None, build_dir: Path | None,
+              target: str | None, as_json: bool) -> None:
+    """Has traffic drifted from the calibration set? Token-distribution divergence, length mix and (with --build) the
+    quantized model's KLD on the sample vs on the calibration set, each against [drift] thresholds. Exit 1 when
+    re-calibration is due."""
+    import json
+
+    from ..config import parse_targets
+    from ..errors import ConfigError
+    from ..model import load_model_info
+
+    path = targets_file or (DEFAULT_TARGETS if DEFAULT_TARGETS.is_file() else None)
+    tf = parse_targets(path) if path else None
+    if (build_dir is None) != (target is None):
+        raise ConfigError("--build and --target go together (the KLD check measures one built target)")
+    from ..release.drift import drift
+
+    model_dir = model or (tf.defaults.model if tf and tf.defaults.model != "builtin" else None)
+    d = drift(calibration, sample, load_model_info(model_dir), tf.drift if tf else None, build_dir, target)
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+    else:
+        lt = "n/a (fewer than 8 documents on a side)" if d["length_tv"] is None else f"{d['length_tv']:.3f}"
+        click.echo(f"token distribution JS {d['token_js']:.3f} (max {d['thresholds']['max_token_js']:g}), length mix TV {lt}, "
+                   f"tokens unseen in calibration {d['sample_unseen_token_share']:.1%}")
+        if "kld_ratio" in d:
+            click.echo(f"{d['target']}: KLD on the sample {d['kld_sample']:.6f} vs on the calibration text "
+                       f"{d['kld_calibration']:.6f} ({d['kld_ratio']:.2f}×, max {d['thresholds']['max_kld_ratio']:g}×)")
+        click.echo("re-calibration due: " + "; ".join(d["reasons"]) if d["due"] else "no re-calibration due")
+    if d["due"]:
+        raise click.exceptions.Exit(1)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import platform
 from importlib import metadata
+from pathlib import Path
 
 SCHEMA = "quantprism.build/1"
 
@@ -81,3 +82,16 @@ def load_results(path) -> dict:
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         raise ConfigError(f"{path}: not a quantprism build results file (schema {SCHEMA} expected)")
     return doc
+
+
+def artifact_path(build_dir: Path, recorded: str) -> Path:
+    """A target's artifact as recorded (relative to where the build ran) or relative to the build folder."""
+    p = Path(recorded)
+    tries = [p] if p.is_absolute() else [build_dir / Path(*p.parts[1:]) if len(p.parts) > 1 else build_dir / p,
+                                          build_dir.parent / p, p]
+    for t in tries:
+        if t.exists():
+            return t.resolve()
+    from ..errors import ConfigError
+
+    raise ConfigError(f"{build_dir}: artifact {recorded} is missing (moved or deleted?); rebuild with `quantprism build`")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..report.results import artifact_path
 from .arms import Arm, ArmDown, ArmSpec
 from .flag import ORIGINAL, FlagState, read_flag, write_flag
 
@@ -32,17 +33,6 @@ class ServeSettings:
     timeout_s: float = 60.0
     max_new_default: int = 16
     allow_failed: bool = False
-
-
-def _artifact_path(build_dir: Path, recorded: str) -> Path:
-    """A target's artifact as recorded (relative to where the build ran) or relative to the build folder."""
-    p = Path(recorded)
-    tries = [p] if p.is_absolute() else [build_dir / Path(*p.parts[1:]) if len(p.parts) > 1 else build_dir / p,
-                                          build_dir.parent / p, p]
-    for t in tries:
-        if t.exists():
-            return t.resolve()
-    raise ConfigError(f"{build_dir}: artifact {recorded} is missing (moved or deleted?); rebuild with `quantprism build`")
 
 
 def arm_specs(build_dir: Path, s: ServeSettings) -> tuple[dict[str, ArmSpec], dict]:
@@ -69,7 +59,7 @@ def arm_specs(build_dir: Path, s: ServeSettings) -> tuple[dict[str, ArmSpec], di
             failed = [g for g, v in (t.get("gates") or {}).items() if not v.get("passed", True)]
             raise ConfigError(f"target {name} failed its gates ({', '.join(failed) or 'see report.md'}); fix it, or pass "
                               "--allow-failed to serve it anyway")
-        return ArmSpec(name, t["runtime"], _artifact_path(build_dir, t["artifact"]), s.threads, s.n_ctx, s.max_queue)
+        return ArmSpec(name, t["runtime"], artifact_path(build_dir, t["artifact"]), s.threads, s.n_ctx, s.max_queue)
 
     if not s.candidate:
         raise ConfigError(f"--candidate TARGET is required; built targets: {', '.join(targets) or 'none'}")
