@@ -102,7 +102,7 @@ def stale_cmd(build_dir: Path, targets_file: Path | None, model: str | None, cal
         raise click.exceptions.Exit(1)
 
 
-@cli.group("ci")
+@cli.group("ci", epilog="Example:  quantprism ci github --targets targets.toml --out .github/workflows/quantprism.yml")
 def ci_group() -> None:
     """CI for the deployment matrix: a workflow per hardware label, and the canonical cache key."""
 
