@@ -67,6 +67,7 @@ def evaluate(folder: Path, limit: int | None) -> dict:
     from lm_eval.tasks import TaskManager
 
     import quantprism.evaluate.lm_backend  # noqa: F401
+    from quantprism.evaluate.tasks import answer
 
     r = lm_eval.simple_evaluate(model="quantprism", model_args=f"artifact={folder},threads=1", tasks=TASKS,
                                 task_manager=TaskManager(include_path=str(ROOT / "src/quantprism/assets/tasks")),
@@ -78,7 +79,7 @@ def evaluate(folder: Path, limit: int | None) -> dict:
         out[task] = {"metric": metric, "value": float(r["results"][task][f"{metric},none"]),
                      "stderr": float(r["results"][task][f"{metric}_stderr,none"]),
                      "per_doc": [float(s[metric]) for s in samples],
-                     "answers": [str(s.get("filtered_resps") or s.get("resps")) for s in samples]}
+                     "answers": [answer(s) for s in samples]}
     return out
 
 

@@ -50,17 +50,19 @@ GATES = {
     "max_ttft_ms": float,
     "max_bits_per_weight": float,
     "max_size_mb": float,
+    "max_task_drop": float,
 }
 SIZE_GATES = ("max_size_mb", "max_bits_per_weight")  # every target should have one (`quantprism targets` warns)
 DEFAULT_KEYS = {
     "model": str, "calibration": str, "samples": int, "seq_len": int, "seed": int, "eval_text": str,
+    "tasks": list, "task_limit": int,
 }
 TARGET_KEYS: dict[str, Any] = {
     "format": str, "runtime": str, "quant": str, "bits": int, "group_size": int, "symmetric": bool,
     "method": str, "hardware": str, "description": str, "damp": float, "clip_search": bool,
     "act_order": bool, "smoothquant_alpha": float, "imatrix": bool, "threads": int,
     "protect": int, "max_bpw": float, "tokenizer_parity": str, "gates": dict, "refit": bool, "tune": int,
-    "tune_round": bool,
+    "tune_round": bool, "tasks": list,
 }
 HARDWARE_KEYS: dict[str, Any] = {"features": list, "runner": list, "extras": list, "arch": str, "description": str}
 
@@ -73,6 +75,8 @@ class Defaults:
     seq_len: int = 512
     seed: int = 0
     eval_text: str = "builtin"
+    tasks: tuple[str, ...] = ()  # lm-eval tasks run for the original and every target (bundled: qp_*)
+    task_limit: int | None = None  # documents per task (default: all)
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,7 @@ class Target:
     max_bpw: float | None = None
     tokenizer_parity: str = "eval"  # "strict": stress-set mismatches fail the target too
     hardware_spec: HardwareLabel | None = None  # the label resolved at parse time ([hardware.LABEL] or built in)
+    tasks: tuple[str, ...] | None = None  # this target's tasks (None: [defaults].tasks)
     auto_group: bool = False  # group_size was "auto", resolved against the model
     gates: dict[str, float] = field(default_factory=dict)
 
@@ -164,7 +169,11 @@ def parse_targets(path: Path | str) -> TargetsFile:
         if key not in DEFAULT_KEYS:
             raise ConfigError(f"{path}: [defaults] unknown key '{key}'{_closest(key, list(DEFAULT_KEYS))}")
         dvals[key] = _check_type(f"{path}: [defaults]", key, value, DEFAULT_KEYS[key])
+        if key == "tasks":
+            dvals[key] = _task_names(f"{path}: [defaults]", value)
     defaults = Defaults(**dvals)
+    if defaults.task_limit is not None and defaults.task_limit < 1:
+        raise ConfigError(f"{path}: [defaults] key 'task_limit': must be ≥ 1, got {defaults.task_limit}")
     if defaults.samples < 1:
         raise ConfigError(f"{path}: [defaults] key 'samples': must be ≥ 1, got {defaults.samples}")
     if defaults.seq_len < 8:
@@ -194,6 +203,12 @@ def _parse_drift(path: Path, raw: Any) -> dict[str, float]:
         if out[key] <= 0:
             raise ConfigError(f"{path}: [drift] key '{key}': must be > 0")
     return out
+
+
+def _task_names(where: str, value: list) -> tuple[str, ...]:
+    if not all(isinstance(v, str) and v.strip() for v in value):
+        raise ConfigError(f"{where} key 'tasks': expected a list of task names, got {value!r}")
+    return tuple(value)
 
 
 def _parse_hardware(path: Path, raw: Any) -> dict[str, HardwareLabel]:
@@ -235,6 +250,8 @@ def _parse_target(path: Path, name: str, raw: Any) -> Target:
             vals[key] = value  # resolved against the model's shapes (resolve_group_size)
             continue
         vals[key] = _check_type(where, key, value, TARGET_KEYS[key])
+        if key == "tasks":
+            vals[key] = _task_names(where, value)
     for req in ("format", "runtime"):
         if req not in vals:
             raise ConfigError(f"{where} missing key '{req}'")

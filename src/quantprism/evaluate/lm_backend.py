@@ -48,10 +48,16 @@ def open_artifact(artifact: Path, runtime: str | None, threads: int | None, n_ct
 
 @register_model("quantprism")
 class QuantprismLM(LM):
-    def __init__(self, artifact: str, runtime: str | None = None, threads: int | None = None, n_ctx: int = 1024,
-                 bos: int | None = None, **_: object):
+    def __init__(self, artifact: str | None = None, runtime: str | None = None, threads: int | None = None,
+                 n_ctx: int = 1024, bos: int | None = None, session=None, **_: object):
+        """``session``: an already open runtime session (the build's worker), instead of ``artifact``."""
         super().__init__()
-        self.sess, self.runtime = open_artifact(Path(artifact), runtime, int(threads) if threads else None, int(n_ctx))
+        if session is not None:
+            self.sess, self.runtime = session, session.runtime
+        elif artifact:
+            self.sess, self.runtime = open_artifact(Path(artifact), runtime, int(threads) if threads else None, int(n_ctx))
+        else:
+            raise ArtifactError("model_args: artifact=PATH is required (a .gguf, an ONNX folder, a checkpoint)")
         self.n_ctx = int(n_ctx)
         self.bos = int(bos) if bos is not None else self._default_bos()
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from .. import __version__, progress
 from ..config import Target
+from ..evaluate.tasks import pair_row, strip_docs
 from ..exporters.grids import grid_needs
 from ..hardware import detect
 from ..manifest import file_table, write_json_atomic
@@ -59,6 +60,8 @@ class BuildSettings:
     # of the file, so a target's numbers do not depend on which others were built with it — and a CI job per
     # hardware label reuses the one canonical result of the canonical job
     plan_targets: list | None = None
+    tasks: tuple[str, ...] = ()  # [defaults].tasks; a target's own list overrides it
+    task_limit: int | None = None
 
 
 def export_target(t: Target, info: ModelInfo, res, plan: dict | None, dest: Path, prov: dict):
@@ -76,7 +79,8 @@ EXPORT_STAMP = "export.json"
 def export_key(t: Target, info: ModelInfo, canonical_path: Path | None, plan: dict | None) -> str:
     """Everything an artifact depends on: the target's settings, the canonical result (content-addressed path), the
     model, the plan, the tool version."""
-    blob = json.dumps({"target": dataclasses.asdict(t), "canonical": canonical_path.name if canonical_path else None,
+    target = {k: v for k, v in dataclasses.asdict(t).items() if k not in ("tasks", "gates")}  # judge, don't shape
+    blob = json.dumps({"target": target, "canonical": canonical_path.name if canonical_path else None,
                        "model": info.weights_sha256, "plan": plan, "v": __version__}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
@@ -162,9 +166,9 @@ def tokenizer_reference_file(info: ModelInfo, s: BuildSettings, cache: Path) -> 
 
 def run_worker(name: str, runtime: str, artifact: Path, base: Path, s: BuildSettings, bos: int, work: Path,
                reference: Path | None = None, tokenizer_ref: Path | None = None, parity_mode: str = "eval",
-               options: dict | None = None) -> dict:
+               options: dict | None = None, tasks: tuple[str, ...] = ()) -> dict:
     spec = {"name": name, "runtime": runtime, "artifact": str(artifact), "threads": s.threads, "n_ctx": s.n_ctx, "bos": bos,
-            "options": options or {},
+            "options": options or {}, "tasks": list(tasks), "task_limit": s.task_limit,
             "smoke_prompt": SMOKE_PROMPT, "smoke_tokens": SMOKE_TOKENS, "base": str(base),
             "tokenizer_reference": str(tokenizer_ref) if tokenizer_ref else None, "tokenizer_parity": parity_mode,
             "reference": str(reference) if reference else None, "skip_bench": s.skip_bench, "prompt_len": s.prompt_len,
@@ -277,6 +281,7 @@ def finish_row(row: dict, gates: dict, skip_bench: bool, original: dict | None =
     if lat and base.get("decode_tok_s_p50") and lat.get("decode_tok_s_p50"):
         lat["decode_speedup"] = round(lat["decode_tok_s_p50"] / base["decode_tok_s_p50"], 3)
     if row.get("status") == "ok":
+        pair_row(row, original)
         row["gates"] = evaluate_gates(row, gates, skip_bench)
         row["passed"] = (bool(row.get("smoke", {}).get("passed")) and row.get("tokenizer_parity", {}).get("passed", True)
                          and all(g["passed"] is not False for g in row["gates"].values()))
@@ -378,17 +383,21 @@ def build(targets: list[Target], info: ModelInfo, s: BuildSettings, progress=Non
         original["dtype"] = dtype
         if why:
             original["dtype_reason"] = why
+        every_task = tuple(dict.fromkeys([*s.tasks, *(x for t in targets for x in (t.tasks or ()))]))
         original.update(run_worker("original", "torch", info.path, base, s, bos, s.out / ".work" / "original",
-                                   options={"dtype": dtype}))
+                                   options={"dtype": dtype}, tasks=every_task))
     original["passed"] = original.get("status") == "ok"
     for t in targets:
         row = rows[t.name]
         if row["status"] == "ok":
             s.log(f"{t.name}: smoke, quality and latency in {t.runtime}")
             row.update(run_worker(t.name, t.runtime, artifacts[t.name], base, s, bos, s.out / t.name / ".work",
-                                  references[t.name], tok_ref, t.tokenizer_parity))
+                                  references[t.name], tok_ref, t.tokenizer_parity,
+                                  tasks=t.tasks if t.tasks is not None else s.tasks))
         finish_row(row, t.gates, s.skip_bench, original)
         s.log(f"{t.name}: {'PASSED' if row['passed'] else 'FAILED'}" + (f" ({row['error']})" if row.get("error") else ""))
+    for r in [original, *rows.values()]:
+        strip_docs(r)
     s.seconds["targets"] = round(time.perf_counter() - t0, 1)
     s.peak_rss_mb["targets"] = peak_mb()  # this process while the workers ran (each worker's own: its row)
     s.seconds["total"] = round(time.perf_counter() - t_all, 1)

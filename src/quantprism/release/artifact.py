@@ -21,7 +21,7 @@ from ..manifest import MANIFEST_SCHEMA, file_table, write_json_atomic
 MANIFEST = "manifest.json"
 SCRATCH = ".work/"
 # settings that do not change the bytes of an artifact (gates judge it; the label is checked on its own)
-NOT_SETTINGS = ("gates", "description", "hardware", "hardware_spec", "threads", "tokenizer_parity")
+NOT_SETTINGS = ("gates", "description", "hardware", "hardware_spec", "threads", "tokenizer_parity", "tasks")
 
 
 def target_settings(t) -> dict[str, Any]:

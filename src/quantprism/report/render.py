@@ -30,6 +30,28 @@ def _machine(doc: dict) -> str:
     return ", ".join(dict.fromkeys(labels))
 
 
+def _task_lines(doc: dict) -> list[str]:
+    """Task × target: the metric ± its standard error; for targets the paired difference to the original [95 % CI]."""
+    names = list(dict.fromkeys(k for r in _rows(doc) for k in (r.get("tasks") or {})))
+    if not names:
+        return []
+    lines = ["", "Tasks (lm-eval, each in the target's runtime; difference to the original with a 95 % bootstrap "
+                 "interval, answer agreement):", "", "| target | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for r in _rows(doc):
+        cells = []
+        for n in names:
+            t = (r.get("tasks") or {}).get(n)
+            if t is None:
+                cells.append("–" if not r.get("tasks_error") else "error")
+                continue
+            cell = f"{t['metric']} {t['value']:.3f} ± {t['stderr']:.3f}"
+            if t.get("diff") is not None:
+                cell += f" ({t['diff']:+.3f} [{t['ci95'][0]:+.3f}, {t['ci95'][1]:+.3f}], agree {t['agreement']:.0%})"
+            cells.append(cell)
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _rows(doc: dict) -> list[dict]:
     return [doc["original"], *doc["targets"]]
 
@@ -126,6 +148,7 @@ def render_md(doc: dict, baseline: dict | None = None, shadow: list[dict] | None
             sl = _get(r, ("quality", "slices")) or {}
             lines.append(f"| {r['name']} | " + " | ".join(
                 f"{sl[k]['kld_mean']:.6f} / {sl[k]['top1_agreement']:.3f}" if k in sl else "–" for k in slices) + " |")
+    lines += _task_lines(doc)
     other = [f"{r['name']} ({r['hardware']}: lacks {', '.join(r.get('hardware_missing') or []) or '?'})"
              for r in doc["targets"] if r.get("hardware_match") is False]
     if other:

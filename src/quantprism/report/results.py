@@ -19,6 +19,7 @@ GATE_FIELDS = {
     "max_ttft_ms": (("latency", "ttft_ms_p50"), "<="),
     "max_bits_per_weight": (("bits_per_weight",), "<="),
     "max_size_mb": (("size_mb",), "<="),
+    "max_task_drop": (("tasks_drop_max",), "<="),  # the largest drop of any task vs the original (evaluate/tasks.py)
 }
 
 

@@ -1,0 +1,71 @@
+"""Tasks in the build: the original and each target run [defaults].tasks (or their own list) in their own runtimes;
+results.json pairs each target with the original (difference, bootstrap interval, answer agreement) and the
+max_task_drop gate holds the largest drop; a task name lm-eval does not know is exit 2 before any work."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("lm_eval") if not os.environ.get("CI") else __import__("lm_eval")
+
+TARGETS = """
+[defaults]
+samples = 8
+seq_len = 128
+tasks = ["qp_structure", "qp_code"]
+task_limit = 24
+[target.q4km]
+format = "gguf"
+runtime = "llamacpp"
+quant = "Q4_K_M"
+[target.q4km.gates]
+max_size_mb = 4.0
+max_task_drop = 0.15
+[target.int4]
+format = "onnx"
+runtime = "onnxruntime"
+quant = "nbits4"
+group_size = 32
+tasks = ["qp_structure"]
+[target.int4.gates]
+max_size_mb = 11.2
+max_task_drop = -0.5
+"""
+
+
+def qp(*args, cwd=None):
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "quantprism.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env)
+
+
+def test_build_runs_tasks_paired_with_the_original_and_gates_the_drop(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTPRISM_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "t.toml").write_text(TARGETS)
+    r = qp("build", "--targets", "t.toml", "--out", "b", "--skip-bench", "--quiet", cwd=tmp_path)
+    doc = json.loads((tmp_path / "b" / "results.json").read_text())
+    orig = doc["original"]["tasks"]
+    assert set(orig) == {"qp_structure", "qp_code"} and orig["qp_code"]["metric"] == "exact_match"
+    q4, i4 = doc["targets"]
+    assert set(q4["tasks"]) == {"qp_structure", "qp_code"} and set(i4["tasks"]) == {"qp_structure"}
+    for row in (q4, i4):
+        for name, t in row["tasks"].items():
+            assert t["n"] == 24 and 0 <= t["agreement"] <= 1 and t["ci95"][0] <= t["diff"] <= t["ci95"][1]
+            assert abs(t["value"] - orig[name]["value"] - t["diff"]) < 1e-9
+        assert row["tasks_drop_max"] == max(-t["diff"] for t in row["tasks"].values())
+    assert q4["gates"]["max_task_drop"]["passed"] is (q4["tasks_drop_max"] <= 0.15)
+    # a gate no model can meet (a task must improve by half) fails, and the build exits 1: the gate is live
+    assert i4["gates"]["max_task_drop"]["passed"] is False and r.returncode == 1 and not doc["passed"]
+    assert "| int4 |" in (tmp_path / "b" / "report.md").read_text() and "qp_structure" in (tmp_path / "b" / "report.md").read_text()
+    assert q4["tasks"]["qp_structure"]["agreement"] > 0.5  # the same chosen options, not raw log-likelihoods
+
+
+def test_an_unknown_task_is_exit_2_before_any_work(tmp_path):
+    (tmp_path / "t.toml").write_text(TARGETS.replace('"qp_code"]', '"qp_cdoe"]'))
+    r = qp("build", "--targets", "t.toml", "--out", "b", "--skip-bench", cwd=tmp_path)
+    assert r.returncode == 2 and "qp_cdoe" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "b").exists()
