@@ -2,7 +2,8 @@
 
     python benchmarks/tasks.py --out benchmarks/results/tasks.json [--limit N]
 
-Models: the original (torch) and, for GPTQ and for RTN at 4, 3 and 2 bits (group 32, asymmetric), the canonical
+Models: the original (torch) and, for GPTQ and for RTN at 4, 3 and 2 bits (group 32 asymmetric, and RTN 3/2 bits at
+group 128 symmetric — the harsh layout), the canonical
 model — the original with every decoder linear replaced by its dequantized grid, exactly as a runtime computes it —
 saved as an fp32 HF folder and run through the same `quantprism` lm-eval backend in torch (no runtime here runs
 3- or 2-bit codes). Per task: the metric, its standard error, the paired difference to the original with a 95 %
@@ -24,11 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import versions  # noqa: E402
 
 TASKS = ["qp_continuation", "qp_code", "qp_long_recall", "qp_rare", "qp_structure"]
-VARIANTS = {"gptq-w4": ("gptq", 4), "rtn-w4": ("rtn", 4), "rtn-w3": ("rtn", 3), "rtn-w2": ("rtn", 2)}
+# (method, bits, group, symmetric): the harsh standard layout (g128 sym) besides the gentle one (g32 asym)
+VARIANTS = {"gptq-w4": ("gptq", 4, 32, False), "rtn-w4": ("rtn", 4, 32, False), "rtn-w3": ("rtn", 3, 32, False),
+            "rtn-w2": ("rtn", 2, 32, False), "rtn-w3-g128-sym": ("rtn", 3, 128, True),
+            "rtn-w2-g128-sym": ("rtn", 2, 128, True)}
 
 
-def canonical_folder(info, method: str, bits: int, work: Path) -> Path:
-    """The canonical model of a W{bits} g32 asym target as an fp32 HF folder (built once, cached under --work)."""
+def canonical_folder(info, method: str, bits: int, work: Path, group: int = 32, sym: bool = False) -> Path:
+    """The canonical model of a W{bits} target as an fp32 HF folder (built once, cached under --work)."""
     import torch
     from safetensors.torch import save_file
 
@@ -37,10 +41,10 @@ def canonical_folder(info, method: str, bits: int, work: Path) -> Path:
     from quantprism.exporters.state import canonical_weights
     from quantprism.pipeline.plan import plan_recipes, run_stage
 
-    out = work / f"{method}-w{bits}"
+    out = work / (f"{method}-w{bits}" + ("" if (group, sym) == (32, False) else f"-g{group}-{'sym' if sym else 'asym'}"))
     if (out / "model.safetensors").is_file():
         return out
-    t = Target(name=out.name, format="gptq", runtime="vllm", bits=bits, group_size=32, symmetric=False, method=method)
+    t = Target(name=out.name, format="gptq", runtime="vllm", bits=bits, group_size=group, symmetric=sym, method=method)
     recipes, index = plan_recipes([t], info)
     run = run_stage(info, recipes, None, 128, 512, 0, cache_dir=work / "cache", device="cpu")
     res = run.results[index[t.name]]
@@ -105,8 +109,8 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     results = {"original": evaluate(info.path, args.limit)}
-    for name, (method, bits) in VARIANTS.items():
-        results[name] = evaluate(canonical_folder(info, method, bits, args.work), args.limit)
+    for name, (method, bits, group, sym) in VARIANTS.items():
+        results[name] = evaluate(canonical_folder(info, method, bits, args.work, group, sym), args.limit)
     rng = np.random.default_rng(0)
     table = {}
     for name, res in results.items():
