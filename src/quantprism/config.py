@@ -55,7 +55,7 @@ GATES = {
 SIZE_GATES = ("max_size_mb", "max_bits_per_weight")  # every target should have one (`quantprism targets` warns)
 DEFAULT_KEYS = {
     "model": str, "calibration": str, "samples": int, "seq_len": int, "seed": int, "eval_text": str,
-    "tasks": list, "task_limit": int,
+    "tasks": list, "task_limit": int, "task_paths": list,
 }
 TARGET_KEYS: dict[str, Any] = {
     "format": str, "runtime": str, "quant": str, "bits": int, "group_size": int, "symmetric": bool,
@@ -77,6 +77,7 @@ class Defaults:
     eval_text: str = "builtin"
     tasks: tuple[str, ...] = ()  # lm-eval tasks run for the original and every target (bundled: qp_*)
     task_limit: int | None = None  # documents per task (default: all)
+    task_paths: tuple[str, ...] = ()  # folders of the user's lm-eval task YAMLs (relative to the targets file)
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,13 @@ def parse_targets(path: Path | str) -> TargetsFile:
         dvals[key] = _check_type(f"{path}: [defaults]", key, value, DEFAULT_KEYS[key])
         if key == "tasks":
             dvals[key] = _task_names(f"{path}: [defaults]", value)
+        if key == "task_paths":
+            dirs = [(path.parent / str(v)).resolve() for v in value]
+            missing = [d for d in dirs if not d.is_dir()]
+            if missing or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{path}: [defaults] key 'task_paths': {missing[0] if missing else value!r} is not a "
+                                  "folder (task YAMLs; paths are relative to the targets file)")
+            dvals[key] = tuple(str(d) for d in dirs)
     defaults = Defaults(**dvals)
     if defaults.task_limit is not None and defaults.task_limit < 1:
         raise ConfigError(f"{path}: [defaults] key 'task_limit': must be ≥ 1, got {defaults.task_limit}")

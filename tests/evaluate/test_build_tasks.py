@@ -69,3 +69,50 @@ def test_an_unknown_task_is_exit_2_before_any_work(tmp_path):
     r = qp("build", "--targets", "t.toml", "--out", "b", "--skip-bench", cwd=tmp_path)
     assert r.returncode == 2 and "qp_cdoe" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_user_tasks_by_name_offline_and_network_tasks_named(tmp_path):
+    """A local lm-eval task (dataset_path: json) in a `task_paths` folder works by name in the original's runtime;
+    a task that would download its data is refused in one line naming it, before any work."""
+    from quantprism.config import parse_targets
+    from quantprism.errors import ConfigError
+    from quantprism.evaluate.tasks import check_task_names, run_tasks
+    from quantprism.model import load_model_info
+    from quantprism.runtimes import open_runtime
+
+    tasks = tmp_path / "my-tasks"
+    tasks.mkdir()
+    rows = [{"q": f"x{i} = {i}\nprint(x{i})  # prints", "a": f" {i}"} for i in range(12)]
+    (tasks / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tasks / "mine.yaml").write_text(f"""task: my_local_task
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {tasks / 'data.jsonl'}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{q}}}}"
+doc_to_target: "{{{{a}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 6
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+""")
+    (tmp_path / "t.toml").write_text(TARGETS.replace('task_limit = 24', 'task_limit = 24\ntask_paths = ["my-tasks"]'))
+    d = parse_targets(tmp_path / "t.toml").defaults
+    assert d.task_paths == (str(tasks.resolve()),)
+    check_task_names(["my_local_task", "qp_code"], list(d.task_paths))
+    sess = open_runtime("torch", load_model_info(None).path, threads=2)
+    try:
+        res = run_tasks(sess, ["my_local_task"], 0, 512, None, list(d.task_paths))
+    finally:
+        sess.close()
+    assert res["my_local_task"]["n"] == 12 and res["my_local_task"]["metric"] == "exact_match"
+    with pytest.raises(ConfigError, match="task hellaswag: its data is not available offline"):
+        check_task_names(["hellaswag"])
+    (tmp_path / "bad.toml").write_text(TARGETS.replace('task_limit = 24', 'task_limit = 24\ntask_paths = ["nowhere"]'))
+    with pytest.raises(ConfigError, match="task_paths.*nowhere.*not a folder"):
+        parse_targets(tmp_path / "bad.toml")

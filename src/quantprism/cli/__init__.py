@@ -284,14 +284,14 @@ def build_cmd(targets_file: Path, only: tuple[str, ...], out: Path, skip_bench: 
         raise ConfigError("--eval-chunks must be ≥ 1")
     from ..evaluate.tasks import check_task_names
 
-    check_task_names(list(dict.fromkeys([*d.tasks, *(x for t in targets for x in (t.tasks or ()))])))
+    check_task_names(list(dict.fromkeys([*d.tasks, *(x for t in targets for x in (t.tasks or ()))])), list(d.task_paths))
     console = _console()
     s = BuildSettings(out=out, calibration=calibration or d.calibration, samples=d.samples, seq_len=d.seq_len, seed=d.seed,
                       eval_text=eval_text_path(eval_text or d.eval_text), eval_chunks=eval_chunks,
                       threads=threads or min(os.cpu_count() or 1, 8), skip_bench=skip_bench,
                       log=(lambda m: None) if quiet else (lambda m: console.print(f"[dim]·[/dim] {m}", highlight=False)),
                       device=device, max_memory=budget, plan_targets=list(tf.targets.values()), tasks=d.tasks,
-                      task_limit=d.task_limit)
+                      task_limit=d.task_limit, task_paths=d.task_paths)
     with _progress(console, quiet):
         doc = build(targets, info, s)
     from ..report.render import render_md

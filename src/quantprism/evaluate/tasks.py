@@ -13,22 +13,40 @@ BUNDLED = Path(__file__).resolve().parent.parent / "assets" / "tasks"
 N_BOOT = 1000
 
 
-def check_task_names(tasks: list[str]) -> None:
-    """Every task name is bundled or known to lm-eval (a build checks before any work: exit 2 on a typo)."""
+def task_manager(paths: list[str | Path] | None = None):
+    """lm-eval's task index over the bundled tasks and the user's task folders (``[defaults] task_paths``)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=[str(BUNDLED), *(str(p) for p in (paths or []))])
+
+
+def check_task_names(tasks: list[str], paths: list[str | Path] | None = None) -> None:
+    """Before any work (exit 2): every task is bundled, in a task folder, or known to lm-eval — and its data loads
+    offline (a task that would download its data is named in one line)."""
     if not tasks:
         return
+    import os
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        from lm_eval.tasks import TaskManager
+        tm = task_manager(paths)
     except ImportError:
         raise ConfigError("tasks need lm-evaluation-harness: run `make install` (extra: eval)") from None
-    known = TaskManager(include_path=str(BUNDLED)).all_tasks
-    bad = [t for t in tasks if t not in known]
+    bad = [t for t in tasks if t not in tm.all_tasks]
     if bad:
-        raise ConfigError(f"task {bad[0]!r} is not a bundled task nor one lm-eval knows; bundled: "
-                          f"{', '.join(sorted(n for n in known if n.startswith('qp_')))}")
+        raise ConfigError(f"task {bad[0]!r} is not a bundled task, in a task folder, nor one lm-eval knows; bundled: "
+                          f"{', '.join(sorted(n for n in tm.all_tasks if n.startswith('qp_')))}")
+    for t in tasks:
+        try:
+            tm.load_task_or_group([t])
+        except Exception as e:  # datasets raises assorted errors when the data is not local
+            raise ConfigError(f"task {t}: its data is not available offline ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:160] if str(e) else ''}); use a local task (dataset_path: json)") from None
 
 
-def run_tasks(sess, tasks: list[str], bos: int, n_ctx: int, limit: int | None = None) -> dict[str, dict]:
+def run_tasks(sess, tasks: list[str], bos: int, n_ctx: int, limit: int | None = None,
+              paths: list[str] | None = None) -> dict[str, dict]:
     """{task: {metric, value, stderr, per_doc, answers}} from an open runtime session. Bundled tasks and any task
     lm-eval can load offline work by name; one that needs the network fails naming the task."""
     import os
@@ -36,11 +54,10 @@ def run_tasks(sess, tasks: list[str], bos: int, n_ctx: int, limit: int | None = 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     from .lm_backend import QuantprismLM
 
-    tm = TaskManager(include_path=str(BUNDLED))
+    tm = task_manager(paths)
     lm = QuantprismLM(session=sess, bos=bos, n_ctx=n_ctx)
     out = {}
     for task in tasks:

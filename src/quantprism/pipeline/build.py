@@ -62,6 +62,7 @@ class BuildSettings:
     plan_targets: list | None = None
     tasks: tuple[str, ...] = ()  # [defaults].tasks; a target's own list overrides it
     task_limit: int | None = None
+    task_paths: tuple[str, ...] = ()  # the user's task folders
 
 
 def export_target(t: Target, info: ModelInfo, res, plan: dict | None, dest: Path, prov: dict):
@@ -169,6 +170,7 @@ def run_worker(name: str, runtime: str, artifact: Path, base: Path, s: BuildSett
                options: dict | None = None, tasks: tuple[str, ...] = ()) -> dict:
     spec = {"name": name, "runtime": runtime, "artifact": str(artifact), "threads": s.threads, "n_ctx": s.n_ctx, "bos": bos,
             "options": options or {}, "tasks": list(tasks), "task_limit": s.task_limit,
+            "task_paths": list(s.task_paths),
             "smoke_prompt": SMOKE_PROMPT, "smoke_tokens": SMOKE_TOKENS, "base": str(base),
             "tokenizer_reference": str(tokenizer_ref) if tokenizer_ref else None, "tokenizer_parity": parity_mode,
             "reference": str(reference) if reference else None, "skip_bench": s.skip_bench, "prompt_len": s.prompt_len,

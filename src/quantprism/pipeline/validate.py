@@ -149,7 +149,8 @@ def run(spec: dict) -> dict:
 
             t0 = time.perf_counter()
             try:
-                out["tasks"] = run_tasks(sess, spec["tasks"], spec["bos"], spec["n_ctx"] + 64, spec.get("task_limit"))
+                out["tasks"] = run_tasks(sess, spec["tasks"], spec["bos"], spec["n_ctx"] + 64, spec.get("task_limit"),
+                                         spec.get("task_paths"))
             except Exception as e:  # the target's other results stand; its task gate fails (not measured)
                 out["tasks_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             secs["tasks"] = round(time.perf_counter() - t0, 2)
