@@ -86,3 +86,28 @@ def test_lm_eval_cli_runs_a_bundled_task_in_the_artifacts_runtime(artifacts, kin
     acc = doc["results"]["qp_structure"]["acc,none"]
     runtime = {"gguf": "llamacpp", "onnx": "onnxruntime"}[kind]
     assert doc["config"].get("quantprism_runtime") == runtime and 0.25 < acc <= 1.0, (doc["config"], acc)
+
+
+@pytest.mark.parametrize("kind", ["original", "gguf"])
+def test_shared_prefill_scores_like_separate_requests(artifacts, kind):
+    """A multiple-choice document's choices share one prefill (KV cache kept) in torch and llama.cpp; the scores
+    equal scoring each request on its own — exactly in torch, within llama.cpp's batch-shape arithmetic."""
+    from quantprism.evaluate.lm_backend import QuantprismLM
+    from quantprism.model import load_model_info
+
+    docs = [json.loads(ln) for ln in (TASKS / "qp_structure.jsonl").read_text().splitlines()[:12]]
+
+    class Req:
+        def __init__(self, args):
+            self.args = args
+
+    reqs = [Req((d["context"], c)) for d in docs for c in d["choices"]]
+    lm = QuantprismLM(str(load_model_info(None).path if kind == "original" else artifacts["gguf"]), threads=2)
+    assert hasattr(lm.sess, "continuation_logits")
+    shared = lm.loglikelihood(reqs)
+    separate = [lm._score(*lm._split(*r.args)) for r in reqs]
+    tol = 1e-4 if kind == "original" else 0.05  # llama.cpp: other batch shapes round activations differently
+    for (a, ga), (b, gb) in zip(shared, separate, strict=True):
+        assert abs(a - b) <= tol * max(1.0, abs(b)) and ga == gb
+    picks = [max(range(4), key=lambda j, i=i: shared[4 * i + j][0]) for i in range(len(docs))]
+    assert picks == [max(range(4), key=lambda j, i=i: separate[4 * i + j][0]) for i in range(len(docs))]

@@ -87,17 +87,32 @@ class QuantprismLM(LM):
         target = np.asarray(ids[len(ids) - n:])
         return float(rows[np.arange(n), target].sum()), bool((rows.argmax(-1) == target).all())
 
+    def _split(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        # lm-eval's convention: whitespace moves from the end of the context to the continuation
+        n_space = len(context) - len(context.rstrip())
+        if n_space:
+            continuation, context = context[-n_space:] + continuation, context[:-n_space]
+        whole, ctx = self.tok_encode(context + continuation), self.tok_encode(context)
+        return ctx, (whole[len(ctx):] if whole[: len(ctx)] == ctx else self.tok_encode(continuation))
+
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        out = []
-        for req in requests:
-            context, continuation = req.args
-            # lm-eval's convention: whitespace moves from the end of the context to the continuation
-            n_space = len(context) - len(context.rstrip())
-            if n_space:
-                continuation, context = context[-n_space:] + continuation, context[:-n_space]
-            whole, ctx = self.tok_encode(context + continuation), self.tok_encode(context)
-            cont = whole[len(ctx):] if whole[: len(ctx)] == ctx else self.tok_encode(continuation)
-            out.append(self._score(ctx, cont))
+        """Requests sharing a context (a multiple-choice document) share one prefill where the runtime can keep its
+        KV cache (``continuation_logits``: llama.cpp, torch); otherwise each is scored on its own."""
+        pairs = [self._split(*req.args) for req in requests]
+        out: list[tuple[float, bool] | None] = [None] * len(pairs)
+        shared = getattr(self.sess, "continuation_logits", None)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (ctx, cont) in enumerate(pairs):
+            if shared is not None and 1 + len(ctx) + len(cont) <= self.n_ctx:
+                groups.setdefault(tuple(ctx), []).append(i)
+            else:
+                out[i] = self._score(ctx, cont)
+        for ctx, idx in groups.items():
+            conts = [pairs[i][1] for i in idx]
+            for i, cont, logits in zip(idx, conts, shared([self.bos, *ctx], conts), strict=True):
+                rows = _log_softmax(np.asarray(logits, dtype=np.float32))
+                target = np.asarray(cont)
+                out[i] = (float(rows[np.arange(len(cont)), target].sum()), bool((rows.argmax(-1) == target).all()))
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:

@@ -78,6 +78,27 @@ class LlamaCppSession(GreedySession):
         self.llm.eval(ids)
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
 
+    def continuation_logits(self, ctx: list[int], conts: list[list[int]]) -> list[np.ndarray]:
+        """The rows that score each continuation after one shared prefill of ``ctx`` (multiple-choice tasks): the
+        context is evaluated once, then each continuation from the kept KV cache (eval drops the cells after
+        n_tokens)."""
+        if not self.logits_all:
+            raise ValueError("continuation logits need a session opened with logits_all=True")
+        self.llm.reset()
+        self.llm.eval([int(i) for i in ctx])
+        n = len(ctx)
+        last = np.array(self.llm.scores[n - 1], dtype=np.float32)
+        out = []
+        for cont in conts:
+            self.llm.n_tokens = n
+            if len(cont) > 1:
+                self.llm.eval([int(i) for i in cont[:-1]])
+                rows = np.array(self.llm.scores[n: n + len(cont) - 1], dtype=np.float32)
+                out.append(np.concatenate([last[None], rows]))
+            else:
+                out.append(last[None].copy())
+        return out
+
     def _last_row(self) -> np.ndarray:
         import llama_cpp
 

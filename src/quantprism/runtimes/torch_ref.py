@@ -38,6 +38,25 @@ class TorchSession(GreedySession):
         with torch.inference_mode():
             return self.model(torch.as_tensor(np.asarray(ids, dtype=np.int64))[None]).logits[0].float().numpy()
 
+    def continuation_logits(self, ctx: list[int], conts: list[list[int]]) -> list[np.ndarray]:
+        """The rows that score each continuation after one shared prefill of ``ctx`` (a copy of the KV cache each)."""
+        import copy
+
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(torch.tensor([ctx]), use_cache=True)
+            last = out.logits[0, -1:].float().numpy()
+            res = []
+            for cont in conts:
+                if len(cont) > 1:
+                    o = self.model(torch.tensor([cont[:-1]]), past_key_values=copy.deepcopy(out.past_key_values),
+                                   use_cache=True)
+                    res.append(np.concatenate([last, o.logits[0].float().numpy()]))
+                else:
+                    res.append(last.copy())
+        return res
+
     def _prefill(self, ids: list[int], max_new: int) -> np.ndarray:
         import torch
 
