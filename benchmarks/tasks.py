@@ -7,7 +7,7 @@ group 128 symmetric — the harsh layout), the canonical
 model — the original with every decoder linear replaced by its dequantized grid, exactly as a runtime computes it —
 saved as an fp32 HF folder and run through the same `quantprism` lm-eval backend in torch (no runtime here runs
 3- or 2-bit codes). Per task: the metric, its standard error, the paired difference to the original with a 95 %
-bootstrap interval over documents (2,000 resamples), and answer agreement with the original.
+bootstrap interval over documents (evaluate/tasks.pair), and answer agreement with the original.
 """
 from __future__ import annotations
 
@@ -17,8 +17,6 @@ import shutil
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -66,35 +64,16 @@ def canonical_folder(info, method: str, bits: int, work: Path, group: int = 32, 
     return out
 
 
-def evaluate(folder: Path, limit: int | None) -> dict:
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+def evaluate(folder: Path, limit: int | None, bos: int) -> dict:
+    """The bundled tasks on one model folder, in torch, through the build's own task runner."""
+    from quantprism.evaluate.tasks import run_tasks
+    from quantprism.runtimes import open_runtime
 
-    import quantprism.evaluate.lm_backend  # noqa: F401
-    from quantprism.evaluate.tasks import answer
-
-    r = lm_eval.simple_evaluate(model="quantprism", model_args=f"artifact={folder},threads=1", tasks=TASKS,
-                                task_manager=TaskManager(include_path=str(ROOT / "src/quantprism/assets/tasks")),
-                                limit=limit, log_samples=True)
-    out = {}
-    for task in TASKS:
-        metric = "exact_match" if task == "qp_code" else "acc"
-        samples = sorted(r["samples"][task], key=lambda s: s["doc_id"])
-        out[task] = {"metric": metric, "value": float(r["results"][task][f"{metric},none"]),
-                     "stderr": float(r["results"][task][f"{metric}_stderr,none"]),
-                     "per_doc": [float(s[metric]) for s in samples],
-                     "answers": [answer(s) for s in samples]}
-    return out
-
-
-def paired(base: dict, other: dict, rng: np.random.Generator, n_boot: int = 2000) -> dict:
-    a, b = np.array(base["per_doc"]), np.array(other["per_doc"])
-    d = b - a
-    idx = rng.integers(0, d.size, size=(n_boot, d.size))
-    boot = d[idx].mean(1)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    agree = float(np.mean([x == y for x, y in zip(base["answers"], other["answers"], strict=True)]))
-    return {"diff": float(d.mean()), "ci95": [float(lo), float(hi)], "agreement": agree}
+    sess = open_runtime("torch", folder, threads=1)
+    try:
+        return run_tasks(sess, TASKS, bos, 1024, limit)
+    finally:
+        sess.close()
 
 
 def main() -> None:
@@ -103,24 +82,25 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".work" / "tasks")
     ap.add_argument("--limit", type=int, default=None, help="documents per task (default: all 120)")
     args = ap.parse_args()
-    from quantprism.model import load_model_info
+    from quantprism.evaluate.tasks import pair
+    from quantprism.model import load_model_info, load_tokenizer
 
     info = load_model_info(None)
+    bos = load_tokenizer(info).bos_token_id or 0  # as the build's workers
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    results = {"original": evaluate(info.path, args.limit)}
+    results = {"original": evaluate(info.path, args.limit, bos)}
     for name, (method, bits, group, sym) in VARIANTS.items():
-        results[name] = evaluate(canonical_folder(info, method, bits, args.work, group, sym), args.limit)
-    rng = np.random.default_rng(0)
+        results[name] = evaluate(canonical_folder(info, method, bits, args.work, group, sym), args.limit, bos)
     table = {}
     for name, res in results.items():
         table[name] = {}
         for task in TASKS:
             row = {k: res[task][k] for k in ("metric", "value", "stderr")}
             if name != "original":
-                row.update(paired(results["original"][task], res[task], rng))
+                row.update(pair(results["original"][task], res[task]))
             table[name][task] = row
-    doc = {"tasks": table, "documents": {t: len(results["original"][t]["per_doc"]) for t in TASKS},
+    doc = {"tasks": table, "documents": {t: results["original"][t]["n"] for t in TASKS},
            "seconds": round(time.perf_counter() - t0, 1), "versions": versions("lm_eval", "torch", "transformers"),
            "note": "canonical models (dequantized grids) in torch through the quantprism lm-eval backend"}
     args.out.parent.mkdir(parents=True, exist_ok=True)

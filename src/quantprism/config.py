@@ -110,6 +110,11 @@ class Target:
     gates: dict[str, float] = field(default_factory=dict)
 
     @property
+    def hardware_label(self) -> HardwareLabel:
+        """What ``hardware`` promises: the label resolved at parse time, or (a Target built in code) from the name."""
+        return self.hardware_spec or resolve_label(self.hardware)
+
+    @property
     def scheme(self) -> str:
         """A short human label for the quantization: Q4_K_M, W4G128-sym, W8A8, nbits8 …"""
         if self.quant:

@@ -111,18 +111,18 @@ class Machine:
     arch: str = ""
     features: frozenset[str] = frozenset()  # every CPU flag, plus cuda/smNN when a CUDA GPU is visible
 
-    def missing(self, label: str | HardwareLabel, table: dict[str, HardwareLabel] | None = None) -> list[str]:
+    def missing(self, label: str | HardwareLabel) -> list[str]:
         """What ``label`` promises that this machine lacks (empty: it validates with the deployment's arithmetic)."""
-        lab = label if isinstance(label, HardwareLabel) else resolve_label(label, table)
+        lab = label if isinstance(label, HardwareLabel) else resolve_label(label)
         have = self.features or frozenset(self.isa)
         out = [f for f in lab.features if f not in have]
         if lab.arch and self.arch and lab.arch != self.arch:
             out.insert(0, f"arch {lab.arch}")
         return out
 
-    def matches(self, label: str | HardwareLabel, table: dict[str, HardwareLabel] | None = None) -> bool:
+    def matches(self, label: str | HardwareLabel) -> bool:
         """Can this machine validate an artifact built for ``label`` with the deployment's arithmetic?"""
-        return not self.missing(label, table)
+        return not self.missing(label)
 
     @property
     def label(self) -> str:

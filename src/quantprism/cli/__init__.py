@@ -105,7 +105,7 @@ def targets_cmd(file: Path, model: str | None) -> None:
         if not any(g in t.gates for g in SIZE_GATES):
             _console(stderr=True).print(f"warning: target {t.name} has no size gate ({' or '.join(SIZE_GATES)}): an export "
                                         "that left its weights in floating point would pass", markup=False)
-        missing = machine.missing(t.hardware_spec or t.hardware)
+        missing = machine.missing(t.hardware_label)
         if missing:
             _console(stderr=True).print(f"note: target {t.name} is built for {t.hardware}; this machine ({machine.label}) "
                                         f"lacks {', '.join(missing)}, so its runtime checks here do not use the "
@@ -282,9 +282,6 @@ def build_cmd(targets_file: Path, only: tuple[str, ...], out: Path, skip_bench: 
     targets = targets_of(tf, list(only))
     if eval_chunks < 1:
         raise ConfigError("--eval-chunks must be ≥ 1")
-    from ..evaluate.tasks import check_task_names
-
-    check_task_names(list(dict.fromkeys([*d.tasks, *(x for t in targets for x in (t.tasks or ()))])), list(d.task_paths))
     console = _console()
     s = BuildSettings(out=out, calibration=calibration or d.calibration, samples=d.samples, seq_len=d.seq_len, seed=d.seed,
                       eval_text=eval_text_path(eval_text or d.eval_text), eval_chunks=eval_chunks,

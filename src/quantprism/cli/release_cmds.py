@@ -22,18 +22,18 @@ def hardware_cmd(targets_file: Path | None, as_json: bool) -> None:
 
     from ..config import parse_targets
     from ..hardware import BUILTIN_LABELS, detect, resolve_label
+    from ..release.workflow import labels_of
 
     m = detect()
     path = targets_file or (DEFAULT_TARGETS if DEFAULT_TARGETS.is_file() else None)
     tf = parse_targets(path) if path else None
-    used: dict[str, list[str]] = {}
-    for t in (tf.targets.values() if tf else []):
-        used.setdefault(t.hardware, []).append(t.name)
+    used = labels_of(tf) if tf else {}
     names = list(used) or [n for n in BUILTIN_LABELS if n.count("-") >= 1 and not n.startswith(("cpu-avx", "cpu-amx", "gpu-cuda"))]
     rows = []
     for n in names:
         lab = resolve_label(n, tf.hardware if tf else None)
-        rows.append({"label": n, "satisfied": m.matches(lab), "missing": m.missing(lab), "features": list(lab.features),
+        missing = m.missing(lab)
+        rows.append({"label": n, "satisfied": not missing, "missing": missing, "features": list(lab.features),
                      "runner": list(lab.runner), "targets": used.get(n, [])})
     rec = m.record()
     if as_json:
@@ -189,8 +189,7 @@ def drift_cmd(calibration: str, sample: str, targets_file: Path | None, model: s
         raise ConfigError("--build and --target go together (the KLD check measures one built target)")
     from ..release.drift import drift
 
-    model_dir = model or (tf.defaults.model if tf and tf.defaults.model != "builtin" else None)
-    d = drift(calibration, sample, load_model_info(model_dir), tf.drift if tf else None, build_dir, target)
+    d = drift(calibration, sample, load_model_info(model or (tf.defaults.model if tf else None)), tf.drift if tf else None, build_dir, target)
     if as_json:
         click.echo(json.dumps(d, indent=2))
     else:

@@ -27,6 +27,13 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
+def _continuation_score(logits, cont: list[int]) -> tuple[float, bool]:
+    """lm-eval's (log-likelihood, is_greedy) of ``cont`` from the rows that predict each of its tokens."""
+    rows = _log_softmax(np.asarray(logits, dtype=np.float32))
+    target = np.asarray(cont)
+    return float(rows[np.arange(target.size), target].sum()), bool((rows.argmax(-1) == target).all())
+
+
 def open_artifact(artifact: Path, runtime: str | None, threads: int | None, n_ctx: int):
     """(session, runtime name) for an artifact; a plain HF folder without quantization_config runs in torch."""
     from ..exporters import FORMATS
@@ -83,9 +90,7 @@ class QuantprismLM(LM):
             ids = ids[len(ids) - self.n_ctx:]
         logits = np.asarray(self.sess.logits(ids), dtype=np.float32)
         n = len(cont)
-        rows = _log_softmax(logits[len(ids) - n - 1: len(ids) - 1])
-        target = np.asarray(ids[len(ids) - n:])
-        return float(rows[np.arange(n), target].sum()), bool((rows.argmax(-1) == target).all())
+        return _continuation_score(logits[len(ids) - n - 1: len(ids) - 1], ids[len(ids) - n:])
 
     def _split(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         # lm-eval's convention: whitespace moves from the end of the context to the continuation
@@ -110,9 +115,7 @@ class QuantprismLM(LM):
         for ctx, idx in groups.items():
             conts = [pairs[i][1] for i in idx]
             for i, cont, logits in zip(idx, conts, shared([self.bos, *ctx], conts), strict=True):
-                rows = _log_softmax(np.asarray(logits, dtype=np.float32))
-                target = np.asarray(cont)
-                out[i] = (float(rows[np.arange(len(cont)), target].sum()), bool((rows.argmax(-1) == target).all()))
+                out[i] = _continuation_score(logits, cont)
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:

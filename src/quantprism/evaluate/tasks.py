@@ -14,7 +14,12 @@ N_BOOT = 1000
 
 
 def task_manager(paths: list[str | Path] | None = None):
-    """lm-eval's task index over the bundled tasks and the user's task folders (``[defaults] task_paths``)."""
+    """lm-eval's task index over the bundled tasks and the user's task folders (``[defaults] task_paths``); data
+    is read offline (no hub at run time)."""
+    import os
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=[str(BUNDLED), *(str(p) for p in (paths or []))])
@@ -25,10 +30,6 @@ def check_task_names(tasks: list[str], paths: list[str | Path] | None = None) ->
     offline (a task that would download its data is named in one line)."""
     if not tasks:
         return
-    import os
-
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         tm = task_manager(paths)
     except ImportError:
@@ -49,15 +50,11 @@ def run_tasks(sess, tasks: list[str], bos: int, n_ctx: int, limit: int | None = 
               paths: list[str] | None = None) -> dict[str, dict]:
     """{task: {metric, value, stderr, per_doc, answers}} from an open runtime session. Bundled tasks and any task
     lm-eval can load offline work by name; one that needs the network fails naming the task."""
-    import os
-
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tm = task_manager(paths)
     import lm_eval
 
     from .lm_backend import QuantprismLM
 
-    tm = task_manager(paths)
     lm = QuantprismLM(session=sess, bos=bos, n_ctx=n_ctx)
     out = {}
     for task in tasks:

@@ -34,12 +34,9 @@ class Hardware:
     gpu: bool
 
     @classmethod
-    def of(cls, label: str, spec=None) -> Hardware:
-        """``spec``: the label's resolved promises (config.Target.hardware_spec) when the targets file defines it."""
-        from ..hardware import resolve_label
-
-        lab = spec or resolve_label(label)
-        return cls(label, int8_pairs_saturate(lab), lab.gpu)
+    def of(cls, lab) -> Hardware:
+        """From a resolved label (config.Target.hardware_label)."""
+        return cls(lab.name, int8_pairs_saturate(lab), lab.gpu)
 
 
 @dataclass(frozen=True)
@@ -139,7 +136,7 @@ class Format:
             grids[mod] = grid_from_id(gid) if gid is not None else None
         return ExportSpec(name=t.name, format=t.format, scheme=t.scheme, method=t.method, quant=t.quant, bits=t.bits,
                           group_size=t.group_size, symmetric=t.symmetric, imatrix=t.imatrix,
-                          hardware=Hardware.of(t.hardware, t.hardware_spec), grids=grids, plan=plan, provenance=provenance or {})
+                          hardware=Hardware.of(t.hardware_label), grids=grids, plan=plan, provenance=provenance or {})
 
     def export(self, spec: ExportSpec, info: ModelInfo, canonical, dest: Path) -> Path:
         """Write the artifact under ``dest`` (atomically); return what the runtime opens."""

@@ -30,7 +30,7 @@ def int_grid(bits: int, gs: int, sym: bool, dtype: str, narrow: bool = False, re
 def int8_reduced(t: Target) -> bool:
     """W8A8 for a machine without VNNI (hardware "cpu-avx2", "cpu"): weights in ±63 so int16 pair sums cannot
     saturate; VNNI labels ("cpu-avx512-vnni") and GPUs take the full ±127 grid (see quantprism.hardware)."""
-    return int8_pairs_saturate(t.hardware_spec or t.hardware)
+    return int8_pairs_saturate(t.hardware_label)
 
 
 def grid_needs(t: Target, info=None) -> GridNeeds:

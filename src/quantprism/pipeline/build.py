@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import __version__, progress
 from ..config import Target
-from ..evaluate.tasks import pair_row, strip_docs
+from ..evaluate.tasks import check_task_names, pair_row, strip_docs
 from ..exporters.grids import grid_needs
 from ..hardware import detect
 from ..manifest import file_table, write_json_atomic
@@ -300,6 +300,9 @@ def build(targets: list[Target], info: ModelInfo, s: BuildSettings, progress=Non
     from .plan import plan_recipes, run_stage, target_plan
 
     t_all = time.perf_counter()
+    # the original runs every task any target runs; a task that is unknown or not offline is exit 2 before any work
+    every_task = tuple(dict.fromkeys([*s.tasks, *(x for t in targets for x in (t.tasks or ()))]))
+    check_task_names(list(every_task), list(s.task_paths))
     s.out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict] = {}
     t0 = time.perf_counter()
@@ -325,10 +328,10 @@ def build(targets: list[Target], info: ModelInfo, s: BuildSettings, progress=Non
     references: dict[str, Path] = {}
     machine = detect()
     for t in targets:
+        missing = machine.missing(t.hardware_label)
         row = {"name": t.name, "format": t.format, "runtime": t.runtime, "scheme": t.scheme, "method": t.method,
                "hardware": t.hardware, "group_size": t.group_size, "group_size_auto": t.auto_group,
-               "validated_on": machine.label, "hardware_match": machine.matches(t.hardware_spec or t.hardware),
-               "hardware_missing": machine.missing(t.hardware_spec or t.hardware),
+               "validated_on": machine.label, "hardware_match": not missing, "hardware_missing": missing,
                "status": "ok"}
         rows[t.name] = row
         try:
@@ -385,7 +388,6 @@ def build(targets: list[Target], info: ModelInfo, s: BuildSettings, progress=Non
         original["dtype"] = dtype
         if why:
             original["dtype_reason"] = why
-        every_task = tuple(dict.fromkeys([*s.tasks, *(x for t in targets for x in (t.tasks or ()))]))
         original.update(run_worker("original", "torch", info.path, base, s, bos, s.out / ".work" / "original",
                                    options={"dtype": dtype}, tasks=every_task))
     original["passed"] = original.get("status") == "ok"

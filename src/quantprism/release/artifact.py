@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -36,25 +35,17 @@ def settings_sha256(t) -> str:
 
 def runtime_versions(runtime: str) -> dict[str, str]:
     """Installed versions of the packages a runtime runs on (a change makes its artifacts stale)."""
+    from ..report.results import installed_versions
     from ..runtimes import RUNTIMES
 
-    out = {}
-    for pkg in (RUNTIMES[runtime].packages if runtime in RUNTIMES else ()):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
+    return installed_versions(RUNTIMES[runtime].packages if runtime in RUNTIMES else ())
 
 
 def tool_versions() -> dict[str, str]:
-    out = {"quantprism": __version__}
-    for pkg in ("torch", "transformers", "numpy", "safetensors", "gguf", "onnx"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
+    from ..report.results import installed_versions
+
+    return {"quantprism": __version__,
+            **installed_versions(("torch", "transformers", "numpy", "safetensors", "gguf", "onnx"))}
 
 
 def artifact_files(target_dir: Path) -> dict[str, dict]:
@@ -67,14 +58,14 @@ def write_target_manifest(target_dir: Path, artifact: Path, t, model: dict, cali
     target_dir = Path(target_dir)
     files = artifact_files(target_dir)
     rel = Path(artifact).resolve().relative_to(target_dir.resolve()).as_posix()
-    spec = t.hardware_spec
+    lab = t.hardware_label
     manifest = {
         "schema": MANIFEST_SCHEMA, "kind": "quantprism-artifact",
         "target": {"name": t.name, "format": t.format, "runtime": t.runtime, "scheme": t.scheme, "method": t.method,
                    "settings": target_settings(t), "settings_sha256": settings_sha256(t)},
         "model": model, "calibration": calibration, "recipe": recipe, "canonical_key": canonical_key,
         "grids": list(grids), "plan": plan,
-        "hardware": {"label": t.hardware, "features": list(spec.features) if spec else None},
+        "hardware": {"label": t.hardware, "features": list(lab.features)},
         "built_on": built_on,
         "versions": {**tool_versions(), "runtime": runtime_versions(t.runtime)},
         "artifact": {"path": rel or ".", "sha256": files[rel]["sha256"] if rel in files else None,
@@ -113,14 +104,19 @@ def find_manifests(path: Path) -> list[Path]:
     raise ConfigError(f"{path}: no {MANIFEST} here or beside it; `quantprism build` writes one per target")
 
 
-def verify_manifest(manifest_path: Path) -> dict:
-    """Re-hash every file a manifest lists: missing, changed and unlisted files."""
-    m = read_manifest(manifest_path)
-    root = manifest_path.parent
-    now = artifact_files(root)
-    listed = m["files"]
+def compare_files(listed: dict[str, str], now: dict[str, str]) -> dict:
+    """Recorded {path: sha256} against the present ones: missing, changed and unlisted files."""
     missing = sorted(set(listed) - set(now))
-    changed = sorted(k for k in set(listed) & set(now) if listed[k]["sha256"] != now[k]["sha256"])
+    changed = sorted(k for k in set(listed) & set(now) if listed[k] != now[k])
     unlisted = sorted(set(now) - set(listed))
-    return {"target": m["target"]["name"], "manifest": str(manifest_path), "files": len(listed), "missing": missing,
-            "changed": changed, "unlisted": unlisted, "ok": not (missing or changed or unlisted)}
+    return {"files": len(listed), "missing": missing, "changed": changed, "unlisted": unlisted,
+            "ok": not (missing or changed or unlisted)}
+
+
+def verify_manifest(manifest_path: Path, hashes: dict[str, str] | None = None) -> dict:
+    """Re-hash every file a manifest lists (``hashes``: {path: sha256} of the folder, when already computed)."""
+    m = read_manifest(manifest_path)
+    if hashes is None:
+        hashes = {k: v["sha256"] for k, v in artifact_files(manifest_path.parent).items()}
+    return {"target": m["target"]["name"], "manifest": str(manifest_path),
+            **compare_files({k: v["sha256"] for k, v in m["files"].items()}, hashes)}

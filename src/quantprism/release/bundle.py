@@ -11,16 +11,11 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..manifest import atomic_path, sha256_file, write_json_atomic, write_text_atomic
+from ..report.render import fmt_cell
 from .artifact import MANIFEST, read_manifest
 
 BUNDLE = "bundle.json"
 SUMS = "SHA256SUMS"
-
-
-def _f(v, fmt: str) -> str:
-    if isinstance(v, float) and -1e-5 < v < 0:
-        v = 0.0  # the reference row's encoded log-probs leave it a hair below zero
-    return "–" if v is None else fmt.format(v)
 
 
 def model_card(row: dict, doc: dict, manifest: dict, build_dir: Path) -> str:
@@ -46,7 +41,7 @@ def model_card(row: dict, doc: dict, manifest: dict, build_dir: Path) -> str:
              f"Verdict: **{'PASS' if row.get('passed') else 'FAIL'}** — every gate of targets.toml:", "",
              "| gate | limit | measured | |", "|---|---|---|---|"]
     for g, v in (row.get("gates") or {}).items():
-        lines.append(f"| {g} | {v['limit']:g} | {_f(v['value'], '{:.6g}')} | "
+        lines.append(f"| {g} | {v['limit']:g} | {fmt_cell(v['value'], '{:.6g}')} | "
                      f"{'pass' if v['passed'] else 'skipped' if v['passed'] is None else 'FAIL'} |")
     lines += ["", "Side by side with the original and the other targets of the same build (same calibration, same "
                   "evaluation text, each in its own runtime):", "",
@@ -55,19 +50,19 @@ def model_card(row: dict, doc: dict, manifest: dict, build_dir: Path) -> str:
         rq, rl = r.get("quality") or {}, r.get("latency") or {}
         name = f"**{r['name']}**" if r["name"] == row["name"] else r["name"]
         verdict = "reference" if r["name"] == "original" else ("PASS" if r.get("passed") else "FAIL")
-        lines.append(f"| {name} | {r['runtime']} | {_f(r.get('size_mb'), '{:.2f}')} | {_f(rq.get('kld_mean'), '{:.6f}')} | "
-                     f"{_f(rq.get('top1_agreement'), '{:.4f}')} | {_f(rq.get('ppl_ratio'), '{:.4f}')} | "
-                     f"{_f(rl.get('decode_tok_s_p50'), '{:.1f}')} | {verdict} |")
+        lines.append(f"| {name} | {r['runtime']} | {fmt_cell(r.get('size_mb'), '{:.2f}')} | {fmt_cell(rq.get('kld_mean'), '{:.6f}')} | "
+                     f"{fmt_cell(rq.get('top1_agreement'), '{:.4f}')} | {fmt_cell(rq.get('ppl_ratio'), '{:.4f}')} | "
+                     f"{fmt_cell(rl.get('decode_tok_s_p50'), '{:.1f}')} | {verdict} |")
     lines += ["", "## Quality on each slice", "", "| slice | KLD | top-1 |", "|---|---|---|",
-              f"| all ({q.get('n_tokens', '?')} tokens) | {_f(q.get('kld_mean'), '{:.6f}')} | {_f(q.get('top1_agreement'), '{:.4f}')} |"]
+              f"| all ({q.get('n_tokens', '?')} tokens) | {fmt_cell(q.get('kld_mean'), '{:.6f}')} | {fmt_cell(q.get('top1_agreement'), '{:.4f}')} |"]
     for k, s in (q.get("slices") or {}).items():
-        lines.append(f"| {k} | {_f(s.get('kld_mean'), '{:.6f}')} | {_f(s.get('top1_agreement'), '{:.4f}')} |")
+        lines.append(f"| {k} | {fmt_cell(s.get('kld_mean'), '{:.6f}')} | {fmt_cell(s.get('top1_agreement'), '{:.4f}')} |")
     lines += ["", "## Speed", ""]
     if lat:
-        lines.append(f"{lat.get('threads')} threads, {lat.get('prompt_tokens')}-token prompt: TTFT {_f(lat.get('ttft_ms_p50'), '{:.1f}')} ms, "
-                     f"prefill {_f(lat.get('prefill_tok_s'), '{:.0f}')} tok/s, decode {_f(lat.get('decode_tok_s_p50'), '{:.1f}')} "
-                     f"tok/s p50 ({_f(lat.get('decode_speedup'), '{:.2f}')}× the original), peak RSS "
-                     f"{_f(lat.get('peak_rss_mb'), '{:.0f}')} MB.")
+        lines.append(f"{lat.get('threads')} threads, {lat.get('prompt_tokens')}-token prompt: TTFT {fmt_cell(lat.get('ttft_ms_p50'), '{:.1f}')} ms, "
+                     f"prefill {fmt_cell(lat.get('prefill_tok_s'), '{:.0f}')} tok/s, decode {fmt_cell(lat.get('decode_tok_s_p50'), '{:.1f}')} "
+                     f"tok/s p50 ({fmt_cell(lat.get('decode_speedup'), '{:.2f}')}× the original), peak RSS "
+                     f"{fmt_cell(lat.get('peak_rss_mb'), '{:.0f}')} MB.")
     else:
         lines.append("Not measured in this build (--skip-bench or an emulated kernel).")
     lines += ["", "## Ship and roll back", "",
@@ -116,21 +111,19 @@ def bundle(build_dir: Path, out: Path, include_failed: bool = False) -> dict:
 
 
 def verify_bundle(root: Path) -> list[dict]:
-    """SHA256SUMS over the bundle, then each target's manifest against its artifact folder."""
-    from .artifact import verify_manifest
+    """SHA256SUMS over the bundle, then each target's manifest against its artifact folder (each file hashed once)."""
+    from .artifact import SCRATCH, compare_files, verify_manifest
 
     root = Path(root)
-    out = []
     listed = {}
     for line in (root / SUMS).read_text(encoding="utf-8").splitlines():
         sha, _, rel = line.partition("  ")
         listed[rel] = sha
-    now = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != SUMS}
-    missing = sorted(set(listed) - now)
-    changed = sorted(k for k in set(listed) & now if sha256_file(root / k) != listed[k])
-    unlisted = sorted(now - set(listed))
-    out.append({"target": "bundle (SHA256SUMS)", "manifest": str(root / SUMS), "files": len(listed), "missing": missing,
-                "changed": changed, "unlisted": unlisted, "ok": not (missing or changed or unlisted)})
+    now = {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file() and p.name != SUMS}
+    out = [{"target": "bundle (SHA256SUMS)", "manifest": str(root / SUMS), **compare_files(listed, now)}]
     for t in json.loads((root / BUNDLE).read_text())["targets"]:
-        out.append(verify_manifest(root / t["target"] / "artifact" / MANIFEST))
+        prefix = f"{t['target']}/artifact/"
+        files = {k[len(prefix):]: v for k, v in now.items() if k.startswith(prefix)}
+        files = {k: v for k, v in files.items() if k != MANIFEST and not k.startswith(SCRATCH)}
+        out.append(verify_manifest(root / prefix / MANIFEST, files))
     return out

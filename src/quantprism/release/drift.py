@@ -61,22 +61,22 @@ def length_tv(a: list[int], b: list[int]) -> float:
     return 0.5 * sum(abs(ha.get(k, 0) / na - hb.get(k, 0) / nb) for k in set(ha) | set(hb))
 
 
-def _kld(info, runtime: str, artifact: Path, stream: list[int], bos: int | None, n_ctx: int, chunks: int,
-         threads: int | None) -> float:
+def _klds(info, runtime: str, artifact: Path, streams: list[list[int]], bos: int | None, n_ctx: int, chunks: int,
+          threads: int | None) -> list[float]:
+    """Mean KLD of the artifact (in its runtime, opened once) to the original, on ``chunks`` windows of each stream."""
     from ..evaluate.compare import base_logprobs, compare
     from ..evaluate.perplexity import eval_chunks
     from ..evaluate.streamed import logits_fn, streamed_logits
     from ..exporters.state import TensorStore
     from ..runtimes import open_runtime
 
-    ch = eval_chunks(stream, n_ctx, bos, chunks)
-    base = base_logprobs(ch, logits_fn(streamed_logits(info, TensorStore(info), ch, "cpu")))
+    windows = [eval_chunks(stream, n_ctx, bos, chunks) for stream in streams]
+    bases = [base_logprobs(ch, logits_fn(streamed_logits(info, TensorStore(info), ch, "cpu"))) for ch in windows]
     sess = open_runtime(runtime, artifact, threads=threads, n_ctx=max(n_ctx, 512))
     try:
-        summary, _ = compare(ch, base, sess.logits)
+        return [float(compare(ch, base, sess.logits)[0]["kld_mean"]) for ch, base in zip(windows, bases, strict=True)]
     finally:
         sess.close()
-    return float(summary["kld_mean"])
 
 
 def drift(calibration: str, sample: str, info, thresholds: dict | None = None, build: Path | None = None,
@@ -112,8 +112,7 @@ def drift(calibration: str, sample: str, info, thresholds: dict | None = None, b
         from ..report.results import artifact_path
 
         art = artifact_path(Path(build), row["artifact"])
-        k_old = _kld(info, row["runtime"], art, old_ids, bos, n_ctx, chunks, threads)
-        k_new = _kld(info, row["runtime"], art, new_ids, bos, n_ctx, chunks, threads)
+        k_old, k_new = _klds(info, row["runtime"], art, [old_ids, new_ids], bos, n_ctx, chunks, threads)
         out.update(target=target, kld_calibration=k_old, kld_sample=k_new, kld_ratio=k_new / max(k_old, 1e-12))
     reasons = []
     if out["token_js"] > th["max_token_js"]:

@@ -6,15 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..report.results import get as _get
 
 SAME = (("model", "weights_sha256"), ("calibration", "sha256"), ("calibration", "samples"), ("calibration", "seq_len"),
         ("eval", "n_ctx"), ("eval", "chunks"), ("eval", "skip_bench"))
-
-
-def _get(doc: dict, path: tuple[str, ...]):
-    for k in path:
-        doc = (doc or {}).get(k)
-    return doc
 
 
 def merge_results(parts: list[tuple[Path, dict]], order: list[str] | None = None) -> dict:

@@ -32,7 +32,7 @@ class Now:
         self._info: dict = {}
         self._calib: dict = {}
 
-    def info(self, path: str):
+    def info(self, path: str | None):
         from ..model import load_model_info
 
         if path not in self._info:
@@ -64,10 +64,7 @@ def check_target(manifest: dict, now: Now) -> list[dict]:
         return [{"cause": "settings", "detail": f"target {name} is no longer in {tf.path}"}]
     d = tf.defaults if tf is not None else None
     m_model = manifest["model"]
-    model_path = now.model or (d.model if d is not None and d.model != "builtin" else None) or m_model["path"]
-    if d is not None and d.model == "builtin" and now.model is None:
-        model_path = None  # the bundled model
-    info = now.info(model_path)
+    info = now.info(now.model or (d.model if d is not None else m_model["path"]))
     if info.weights_sha256 != m_model["weights_sha256"]:
         out.append({"cause": "model", "detail": f"weights sha256 {_short(m_model['weights_sha256'])} → "
                                                 f"{_short(info.weights_sha256)} ({info.path})"})
@@ -96,7 +93,7 @@ def check_target(manifest: dict, now: Now) -> list[dict]:
                                                             if was_rt.get(k) != now_rt.get(k))})
     if t is not None:
         hw = manifest["hardware"]
-        feats = list(t.hardware_spec.features) if t.hardware_spec else None
+        feats = list(t.hardware_label.features)
         if t.hardware != hw["label"]:
             out.append({"cause": "hardware", "detail": f"label {hw['label']} → {t.hardware}"})
         elif hw.get("features") is not None and feats != hw["features"]:

@@ -61,7 +61,8 @@ def canonical_key(tf, info) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def _labels(tf) -> dict[str, list[str]]:
+def labels_of(tf) -> dict[str, list[str]]:
+    """Hardware label → the names of its targets, in file order."""
     out: dict[str, list[str]] = {}
     for t in tf.targets.values():
         out.setdefault(t.hardware, []).append(t.name)
@@ -84,7 +85,7 @@ def github_workflow(tf, targets_path: str, ci_map: dict, runners_path: str = "ci
     python = str(ci.get("python", "3.11"))
     default_install = ci.get("install", DEFAULT_INSTALL)
     baseline = ci.get("baseline")
-    labels = _labels(tf)
+    labels = labels_of(tf)
     cpu_extras = sorted({e for lab in labels for e in resolve_label(lab, tf.hardware).extras if not lab.startswith("gpu")}
                         ) or ["gguf", "onnx"]
     jobs: dict[str, Any] = {}

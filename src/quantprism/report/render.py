@@ -17,7 +17,7 @@ COLUMNS = [("size MB", ("size_mb",), "{:.2f}"), ("bits/w", ("bits_per_weight",),
 LOWER_IS_BETTER = {"KLD", "KLD p99", "PPL ratio", "TTFT ms", "RSS MB", "size MB", "bits/w"}
 
 
-def _fmt(v, f: str) -> str:
+def fmt_cell(v, f: str) -> str:
     if isinstance(v, float) and -1e-5 < v < 0:
         v = 0.0  # the uint16 base encoding leaves the reference row a rounding hair below zero
     return "–" if v is None else f.format(v)
@@ -121,9 +121,9 @@ def _shadow_lines(doc: dict, shadow: list[dict]) -> list[str]:
              "first divergence (median) |", "|---|---|---|---|---|---|---|---|---|"]
     for (base, cand) in sorted({(r.get("baseline", "?"), r.get("candidate", "?")) for r in shadow}):
         s = summarize([r for r in shadow if (r.get("baseline", "?"), r.get("candidate", "?")) == (base, cand)])
-        lines.append(f"| {cand} | {base} | {s['shadowed']} | {s['skipped']} | {_fmt(s['exact_match'], '{:.1%}')} | "
-                     f"{_fmt(s['kld_mean'], '{:.6f}')} | {_fmt(s['kld_p95'], '{:.6f}')} | {_fmt(offline.get(cand), '{:.6f}')} | "
-                     f"{_fmt(s['first_divergence_median'], '{:.0f}')} |")
+        lines.append(f"| {cand} | {base} | {s['shadowed']} | {s['skipped']} | {fmt_cell(s['exact_match'], '{:.1%}')} | "
+                     f"{fmt_cell(s['kld_mean'], '{:.6f}')} | {fmt_cell(s['kld_p95'], '{:.6f}')} | {fmt_cell(offline.get(cand), '{:.6f}')} | "
+                     f"{fmt_cell(s['first_divergence_median'], '{:.0f}')} |")
     return lines
 
 
@@ -139,7 +139,7 @@ def render_md(doc: dict, baseline: dict | None = None, shadow: list[dict] | None
         cells = [r["name"], r["runtime"], r.get("kernel", "–"), _verdict(r), _parity(r)]
         for name, path, f in COLUMNS:
             v = _get(r, path)
-            cells.append(_fmt(v, f) + (_delta(v, _get(old[r["name"]], path), name) if r["name"] in old else ""))
+            cells.append(fmt_cell(v, f) + (_delta(v, _get(old[r["name"]], path), name) if r["name"] in old else ""))
         lines.append("| " + " | ".join(cells) + " |")
     slices = sorted({k for r in doc["targets"] for k in (_get(r, ("quality", "slices")) or {})})
     if slices:
@@ -220,7 +220,7 @@ def render_html(doc: dict, baseline: dict | None = None, shadow: list[dict] | No
     trs = []
     for r in md_rows:
         cls = "ref" if r["name"] == "original" else ("pass" if r.get("passed") else "fail")
-        cells = [r["name"], r["runtime"], r.get("kernel", "–"), _verdict(r), _parity(r)] + [_fmt(_get(r, p), f) for _, p, f in COLUMNS]
+        cells = [r["name"], r["runtime"], r.get("kernel", "–"), _verdict(r), _parity(r)] + [fmt_cell(_get(r, p), f) for _, p, f in COLUMNS]
         trs.append(f'<tr class="{cls}">' + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     scatter = _svg_scatter([(r["name"], r.get("size_mb"), _get(r, ("quality", "kld_mean"))) for r in doc["targets"]])
     bars = _svg_bars([(r["name"], _get(r, ("latency", "decode_tok_s_p50")), r.get("kernel") == "native") for r in md_rows])

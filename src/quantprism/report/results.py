@@ -49,20 +49,26 @@ def evaluate_gates(row: dict, gates: dict[str, float], skip_bench: bool) -> dict
     return out
 
 
+def installed_versions(pkgs) -> dict[str, str]:
+    """{distribution: version} of those installed (absent ones left out)."""
+    out = {}
+    for pkg in dict.fromkeys(pkgs):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
 def environment() -> dict:
     """The machine (CPU, ISA, the kind its int8 arithmetic makes it — see quantprism.hardware) and package versions."""
     from ..hardware import detect
 
     m = detect()
-    versions = {}
     from ..runtimes import RUNTIMES
 
-    pkgs = ("quantprism", "torch", "transformers", "numpy", *(p for r in RUNTIMES.values() for p in r.packages))
-    for pkg in dict.fromkeys(pkgs):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            continue
+    versions = installed_versions(("quantprism", "torch", "transformers", "numpy",
+                                   *(p for r in RUNTIMES.values() for p in r.packages)))
     return {"cpu": m.cpu, "isa": list(m.isa), "cores": m.cores, "machine": m.record(),
             "python": platform.python_version(), "platform": platform.platform(), "packages": versions}
 
