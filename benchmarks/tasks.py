@@ -1,6 +1,8 @@
 """The bundled tasks on the original and on damaged models: does the suite see quantization damage?
 
     python benchmarks/tasks.py --out benchmarks/results/tasks.json [--limit N]
+    python benchmarks/tasks.py --model ~/.cache/quantprism/models/smollm2-135m-instruct \
+        --variants rtn-w3-g64-sym rtn-w4-g64-sym gptq-w4-g64-sym --out benchmarks/results/tasks_real.json
 
 Models: the original (torch) and, for GPTQ and for RTN at 4, 3 and 2 bits (group 32 asymmetric, and RTN 3/2 bits at
 group 128 symmetric — the harsh layout), the canonical
@@ -26,7 +28,11 @@ TASKS = ["qp_continuation", "qp_code", "qp_long_recall", "qp_rare", "qp_structur
 # (method, bits, group, symmetric): the harsh standard layout (g128 sym) besides the gentle one (g32 asym)
 VARIANTS = {"gptq-w4": ("gptq", 4, 32, False), "rtn-w4": ("rtn", 4, 32, False), "rtn-w3": ("rtn", 3, 32, False),
             "rtn-w2": ("rtn", 2, 32, False), "rtn-w3-g128-sym": ("rtn", 3, 128, True),
-            "rtn-w2-g128-sym": ("rtn", 2, 128, True)}
+            "rtn-w2-g128-sym": ("rtn", 2, 128, True), "rtn-w2-g256-sym": ("rtn", 2, 256, True),
+            # hidden 576 (the real model) is not a multiple of 128: its standard layout is g64
+            "rtn-w3-g64-sym": ("rtn", 3, 64, True), "rtn-w4-g64-sym": ("rtn", 4, 64, True),
+            "gptq-w4-g64-sym": ("gptq", 4, 64, True)}
+DEFAULT_VARIANTS = ["gptq-w4", "rtn-w4", "rtn-w3", "rtn-w2", "rtn-w3-g128-sym", "rtn-w2-g128-sym", "rtn-w2-g256-sym"]
 
 
 def canonical_folder(info, method: str, bits: int, work: Path, group: int = 32, sym: bool = False) -> Path:
@@ -39,7 +45,7 @@ def canonical_folder(info, method: str, bits: int, work: Path, group: int = 32, 
     from quantprism.exporters.state import canonical_weights
     from quantprism.pipeline.plan import plan_recipes, run_stage
 
-    out = work / (f"{method}-w{bits}" + ("" if (group, sym) == (32, False) else f"-g{group}-{'sym' if sym else 'asym'}"))
+    out = work / info.path.name / (f"{method}-w{bits}" + ("" if (group, sym) == (32, False) else f"-g{group}-{'sym' if sym else 'asym'}"))
     if (out / "model.safetensors").is_file():
         return out
     t = Target(name=out.name, format="gptq", runtime="vllm", bits=bits, group_size=group, symmetric=sym, method=method)
@@ -81,16 +87,19 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".work" / "tasks")
     ap.add_argument("--limit", type=int, default=None, help="documents per task (default: all 120)")
+    ap.add_argument("--model", default=None, help="a local HF model folder (default: the bundled model)")
+    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=sorted(VARIANTS))
     args = ap.parse_args()
     from quantprism.evaluate.tasks import pair
     from quantprism.model import load_model_info, load_tokenizer
 
-    info = load_model_info(None)
+    info = load_model_info(args.model)
     bos = load_tokenizer(info).bos_token_id or 0  # as the build's workers
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     results = {"original": evaluate(info.path, args.limit, bos)}
-    for name, (method, bits, group, sym) in VARIANTS.items():
+    for name in args.variants:
+        method, bits, group, sym = VARIANTS[name]
         results[name] = evaluate(canonical_folder(info, method, bits, args.work, group, sym), args.limit, bos)
     table = {}
     for name, res in results.items():
@@ -102,7 +111,7 @@ def main() -> None:
             table[name][task] = row
     doc = {"tasks": table, "documents": {t: results["original"][t]["n"] for t in TASKS},
            "seconds": round(time.perf_counter() - t0, 1), "versions": versions("lm_eval", "torch", "transformers"),
-           "note": "canonical models (dequantized grids) in torch through the quantprism lm-eval backend"}
+           "model": str(info.path), "note": "canonical models (dequantized grids) in torch through the quantprism lm-eval backend"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
     for name, rows in table.items():

@@ -30,6 +30,7 @@ against one model. Errors name the file, the table and the key, on one line.
 """
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -52,6 +53,7 @@ GATES = {
     "max_size_mb": float,
     "max_task_drop": float,
 }
+TASK_GATE = "max_task_drop"  # a number (every task) or a table {task: drop} (gate names max_task_drop.TASK)
 SIZE_GATES = ("max_size_mb", "max_bits_per_weight")  # every target should have one (`quantprism targets` warns)
 DEFAULT_KEYS = {
     "model": str, "calibration": str, "samples": int, "seq_len": int, "seed": int, "eval_text": str,
@@ -198,7 +200,20 @@ def parse_targets(path: Path | str) -> TargetsFile:
     hardware = _parse_hardware(path, data.get("hardware", {}))
     drift = _parse_drift(path, data.get("drift", {}))
     targets = {name: _parse_target(path, name, raw) for name, raw in raw_targets.items()}
+    seen: dict[str, str] = {}
+    for name in targets:  # case-insensitive file systems would put two such targets in one folder
+        if name.lower() in seen:
+            raise ConfigError(f"{path}: targets {seen[name.lower()]!r} and {name!r} differ only in case; rename one")
+        seen[name.lower()] = name
     targets = {n: replace(t, hardware_spec=resolve_label(t.hardware, hardware)) for n, t in targets.items()}
+    for n, t in targets.items():  # a per-task gate on a task the target does not run could never be measured
+        run = t.tasks if t.tasks is not None else defaults.tasks
+        for g in t.gates:
+            if g.startswith(TASK_GATE + ".") and g.split(".", 1)[1] not in run:
+                raise ConfigError(f"{path}: [target.{n}.gates.{TASK_GATE}] task {g.split('.', 1)[1]!r} is not among the "
+                                  f"tasks this target runs ({', '.join(run) or 'none: set [defaults] tasks'})")
+        if TASK_GATE in t.gates and not run:
+            raise ConfigError(f"{path}: [target.{n}.gates] {TASK_GATE} needs tasks: set [defaults] tasks or the target's tasks")
     return TargetsFile(path=path, defaults=defaults, targets=targets, hardware=hardware, drift=drift)
 
 
@@ -251,7 +266,19 @@ def _parse_hardware(path: Path, raw: Any) -> dict[str, HardwareLabel]:
     return out
 
 
+TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def check_target_name(path: Path, name: str) -> None:
+    """A target's name becomes a folder under --out: an identifier (letters, digits, '-', '_', '.'), no path
+    separator and no '..', so no name can reach outside the output folder."""
+    if not TARGET_NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(f"{path}: [target.{name!r}] is not a valid target name: use letters, digits, '-', '_' and '.' "
+                          "(no '/', no '..', at most 100 characters); the name becomes a folder under --out")
+
+
 def _parse_target(path: Path, name: str, raw: Any) -> Target:
+    check_target_name(path, name)
     where = f"{path}: [target.{name}]"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a table")
@@ -272,6 +299,10 @@ def _parse_target(path: Path, name: str, raw: Any) -> Target:
     for gkey, gval in vals.pop("gates", {}).items():
         if gkey not in GATES:
             raise ConfigError(f"{path}: [target.{name}.gates] unknown key '{gkey}'{_closest(gkey, list(GATES))}")
+        if gkey == TASK_GATE and isinstance(gval, dict):  # per task: max_task_drop = { qp_code = 0.05, … }
+            for task, lim in gval.items():
+                gates[f"{TASK_GATE}.{task}"] = _check_type(f"{path}: [target.{name}.gates.{TASK_GATE}]", task, lim, float)
+            continue
         gates[gkey] = _check_type(f"{path}: [target.{name}.gates]", gkey, gval, GATES[gkey])
     from .exporters import FORMATS
 

@@ -64,6 +64,60 @@ def test_build_runs_tasks_paired_with_the_original_and_gates_the_drop(tmp_path, 
     assert q4["tasks"]["qp_structure"]["agreement"] > 0.5  # the same chosen options, not raw log-likelihoods
 
 
+DAMAGED = """
+[defaults]
+samples = 8
+seq_len = 128
+tasks = ["qp_code"]
+[target.int4]
+format = "onnx"
+runtime = "onnxruntime"
+quant = "nbits4"
+group_size = 32
+[target.int4.gates]
+max_task_drop = { qp_code = 0.025 }
+[target.rtn-w2]
+format = "onnx"
+runtime = "onnxruntime"
+quant = "nbits2"
+group_size = 256
+symmetric = true
+method = "rtn"
+[target.rtn-w2.gates]
+max_task_drop = { qp_code = 0.025 }
+"""
+
+
+def test_a_deliberately_damaged_2bit_rtn_target_fails_its_per_task_gate(tmp_path, monkeypatch):
+    """2-bit RTN (symmetric, one block per 256 inputs, in ORT's MatMulNBits) loses exact-match code completions
+    the original gets right: the drop's whole 95 % interval lies below zero (all 120 documents) and the per-task
+    max_task_drop gate fails it, while the GPTQ int4 target under the same gate passes."""
+    monkeypatch.setenv("QUANTPRISM_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "t.toml").write_text(DAMAGED)
+    r = qp("build", "--targets", "t.toml", "--out", "b", "--skip-bench", "--quiet", cwd=tmp_path)
+    doc = json.loads((tmp_path / "b" / "results.json").read_text())
+    int4, w2 = doc["targets"]
+    code = w2["tasks"]["qp_code"]
+    print(f"int4 {int4['tasks']['qp_code']['diff']:+.3f}, rtn-w2 {code['diff']:+.3f} {code['ci95']} agree {code['agreement']:.2f}")
+    assert code["n"] == 120 and code["ci95"][1] < 0 and code["agreement"] < 0.6
+    assert w2["gates"]["max_task_drop.qp_code"]["passed"] is False and w2["smoke"]["passed"]  # runs, but damaged
+    assert int4["gates"]["max_task_drop.qp_code"]["passed"] is True and int4["passed"]
+    assert r.returncode == 1 and not doc["passed"]
+    assert 'id="task-drops"' in (tmp_path / "b" / "report.html").read_text()
+
+
+def test_per_task_gates_name_tasks_the_target_runs(tmp_path):
+    from quantprism.config import parse_targets
+    from quantprism.errors import ConfigError
+
+    (tmp_path / "t.toml").write_text(DAMAGED.replace("{ qp_code = 0.025 }\n[target.rtn-w2]", "{ qp_cdoe = 0.025 }\n[target.rtn-w2]"))
+    with pytest.raises(ConfigError, match="'qp_cdoe' is not among the tasks this target runs"):
+        parse_targets(tmp_path / "t.toml")
+    (tmp_path / "t.toml").write_text(DAMAGED.replace('tasks = ["qp_code"]', ""))
+    with pytest.raises(ConfigError, match="max_task_drop"):
+        parse_targets(tmp_path / "t.toml")
+
+
 def test_an_unknown_task_is_exit_2_before_any_work(tmp_path):
     (tmp_path / "t.toml").write_text(TARGETS.replace('"qp_code"]', '"qp_cdoe"]'))
     r = qp("build", "--targets", "t.toml", "--out", "b", "--skip-bench", cwd=tmp_path)

@@ -41,9 +41,10 @@ def _single_op_session(rep, k: int, n: int):
 
 GRIDS = [IntGrid(8, 32, True, "fp32"), IntGrid(4, 32, True, "fp32"), IntGrid(8, 16, False, "fp32"),
          IntGrid(4, 64, False, "fp32"), IntGrid(4, 128, True, "fp32")]
+TWO_BIT = [IntGrid(2, 32, False, "fp32"), IntGrid(2, 128, True, "fp32")]  # nbits2: four codes per byte
 
 
-@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: g.id)
+@pytest.mark.parametrize("grid", GRIDS + TWO_BIT, ids=lambda g: g.id)
 def test_nbits_packing_decodes_to_canonical_weights(grid):
     from quantprism.exporters.onnx_kernels import pack_nbits
 
@@ -56,7 +57,7 @@ def test_nbits_packing_decodes_to_canonical_weights(grid):
     assert np.array_equal(w, qt.dequantize())
 
 
-@pytest.mark.parametrize("grid", GRIDS[:4], ids=lambda g: g.id)
+@pytest.mark.parametrize("grid", GRIDS[:4] + TWO_BIT, ids=lambda g: g.id)
 def test_matmulnbits_in_ort_computes_x_times_canonical_weights(grid):
     """Catches layout errors the decoder shares with the packer: ORT itself must compute x @ Wᵀ. accuracy_level 0
     is fp32 arithmetic; level 4 rounds x to int8 per block, which the emulation reproduces."""

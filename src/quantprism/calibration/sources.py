@@ -57,6 +57,25 @@ def resolve_source(source: str | Path | None) -> Path:
     return Path(source).expanduser()
 
 
+def check_source(source: str | Path | None) -> Path:
+    """The calibration source exists, is readable and is a kind the readers take (before any work)."""
+    import os
+
+    path = resolve_source(source)
+    if not path.exists():
+        raise CalibrationError(f"{path}: no such calibration source; pass a .txt, .jsonl or a directory of .txt")
+    if path.is_dir():
+        if not any(p.is_file() for p in path.rglob("*.txt")):
+            raise CalibrationError(f"{path}: directory has no .txt files")
+    elif path.suffix not in (".txt", ".md", ".jsonl", "") and path != BUILTIN_CALIBRATION:
+        raise CalibrationError(f"{path}: unsupported calibration file type '{path.suffix}'; use .txt or .jsonl")
+    elif not path.is_file():
+        raise CalibrationError(f"{path}: not a regular file")
+    if not os.access(path, os.R_OK):
+        raise CalibrationError(f"{path}: not readable (permissions)")
+    return path
+
+
 def read_documents(source: str | Path | None) -> list[str]:
     """The calibration documents of a source, in a fixed order."""
     path = resolve_source(source)

@@ -90,6 +90,10 @@ def targets_cmd(file: Path, model: str | None) -> None:
     from rich.table import Table
 
     tf, info = _load_targets(file, model)
+    from ..calibration.sources import check_source, eval_text_path
+
+    check_source(tf.defaults.calibration)  # every path the file names, before a build finds it missing
+    eval_text_path(tf.defaults.eval_text)
     table = Table(title=f"{file} — {len(tf.targets)} targets on {info.path.name}")
     for col in ("target", "format", "runtime", "scheme", "method", "hardware", "gates"):
         table.add_column(col)

@@ -104,6 +104,10 @@ class QuantprismLM(LM):
         """Requests sharing a context (a multiple-choice document) share one prefill where the runtime can keep its
         KV cache (``continuation_logits``: llama.cpp, torch); otherwise each is scored on its own."""
         pairs = [self._split(*req.args) for req in requests]
+        batched = getattr(self.sess, "score_continuations", None)
+        if batched is not None:  # the runtime scores whole batches itself (vLLM: prompt log-probs)
+            seqs = [[self.bos, *ctx, *cont][-self.n_ctx:] for ctx, cont in pairs]
+            return batched([(ids, len(cont)) for ids, (_, cont) in zip(seqs, pairs, strict=True)])
         out: list[tuple[float, bool] | None] = [None] * len(pairs)
         shared = getattr(self.sess, "continuation_logits", None)
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -131,6 +135,13 @@ class QuantprismLM(LM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        batched = getattr(self.sess, "generate_until", None)
+        if batched is not None and requests and len({repr(r.args[1]) for r in requests}) == 1:
+            kw = requests[0].args[1]  # one task's requests share their generation settings
+            until = kw.get("until") or []
+            max_new = int(kw.get("max_gen_toks", 64))
+            prompts = [[self.bos, *self.tok_encode(r.args[0])][-(self.n_ctx - max_new):] for r in requests]
+            return batched(prompts, [until] if isinstance(until, str) else list(until), max_new)
         out = []
         for req in requests:
             context, kw = req.args

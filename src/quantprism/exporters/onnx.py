@@ -275,7 +275,8 @@ def export_onnx(spec: ExportSpec | Target | None, info: ModelInfo, canonical, ou
     return Path(out_dir)
 
 
-ONNX_SCHEMES = ("nbits8", "w8a8", "nbits4")
+ONNX_SCHEMES = ("nbits8", "w8a8", "nbits4", "nbits2")
+SCHEME_BITS = {"nbits8": 8, "nbits4": 4, "nbits2": 2}  # MatMulNBits weight bits; 2 is a floor for damage probes, not a default
 
 
 class OnnxFormat(Format):
@@ -292,7 +293,7 @@ class OnnxFormat(Format):
             raise ConfigError(f"{where} key 'quant': ONNX needs one of {', '.join(ONNX_SCHEMES)}, got {quant!r}")
         if quant == "w8a8" and vals.get("group_size", -1) != -1:
             raise ConfigError(f"{where} key 'group_size': w8a8 (MatMulInteger) weights are per channel; set group_size = -1")
-        if quant in ("nbits8", "nbits4") and gs == -1:
+        if quant in SCHEME_BITS and gs == -1:
             raise ConfigError(f"{where} key 'group_size': MatMulNBits needs a block size (32/64/128)")
         if vals.get("method", "gptq").startswith("awq") and quant == "w8a8":
             raise ConfigError(f"{where} key 'method': AWQ targets weight-only grids")
@@ -300,12 +301,12 @@ class OnnxFormat(Format):
     def bits_group(self, t: Target) -> tuple[int, int]:
         if t.quant == "w8a8":
             return 8, -1
-        return (8 if t.quant == "nbits8" else 4), t.group_size
+        return SCHEME_BITS[t.quant], t.group_size
 
     def grid_needs(self, t: Target, info: ModelInfo | None = None) -> GridNeeds:
         if t.quant == "w8a8":
             return GridNeeds((int_grid(8, -1, True, "fp32", narrow=True, reduced=int8_reduced(t)),))
-        return GridNeeds((int_grid(8 if t.quant == "nbits8" else 4, t.group_size, t.symmetric, "fp32"),))
+        return GridNeeds((int_grid(SCHEME_BITS[t.quant], t.group_size, t.symmetric, "fp32"),))
 
     def module_grids(self, t: Target, info: ModelInfo | None, canonical, plan: dict | None) -> dict[str, str | None]:
         grids = super().module_grids(t, info, canonical, plan)

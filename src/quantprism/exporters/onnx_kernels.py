@@ -28,25 +28,29 @@ def kernel_for(gid: str) -> str:
     """Which ORT kernel runs a grid: ``MatMulNBits`` (grouped 4/8-bit) or ``MatMulInteger`` (8-bit per channel)."""
     g = grid_from_id(gid)
     if not isinstance(g, IntGrid):
-        raise ArtifactError(f"grid {gid} has no ONNX Runtime kernel; ONNX targets use int grids (nbits8/nbits4/w8a8)")
+        raise ArtifactError(f"grid {gid} has no ONNX Runtime kernel; ONNX targets use int grids (nbits8/nbits4/nbits2/w8a8)")
     if g.group_size == -1:
         if g.bits != 8:
             raise ArtifactError(f"grid {gid}: per-channel weights need 8 bits for MatMulInteger; use quant = \"w8a8\"")
         return W8A8
     bs = g.group_size
-    if g.bits not in (4, 8) or bs < 16 or bs & (bs - 1):
-        raise ArtifactError(f"grid {gid}: MatMulNBits needs 4 or 8 bits and a power-of-two block size ≥ 16 (e.g. 32, 128)")
+    if g.bits not in (2, 4, 8) or bs < 16 or bs & (bs - 1):
+        raise ArtifactError(f"grid {gid}: MatMulNBits needs 2, 4 or 8 bits and a power-of-two block size ≥ 16 (e.g. 32, 128)")
     return NBITS
 
 
 def _pack_along_k(values: np.ndarray, bits: int) -> np.ndarray:
     """uint8 values [..., L] → bytes [..., L·bits/8], element j of a byte group in the low bits first."""
     v = values.astype(np.uint8)
-    if bits == 8:
+    per = 8 // bits  # values per byte (2-bit: four, 4-bit: two)
+    if per == 1:
         return np.ascontiguousarray(v)
-    if v.shape[-1] % 2:
-        v = np.concatenate([v, np.zeros((*v.shape[:-1], 1), np.uint8)], axis=-1)
-    return np.ascontiguousarray(v[..., 0::2] | (v[..., 1::2] << 4))
+    if v.shape[-1] % per:
+        v = np.concatenate([v, np.zeros((*v.shape[:-1], per - v.shape[-1] % per), np.uint8)], axis=-1)
+    out = np.zeros((*v.shape[:-1], v.shape[-1] // per), np.uint8)
+    for j in range(per):
+        out |= v[..., j::per] << (bits * j)
+    return np.ascontiguousarray(out)
 
 
 def pack_nbits(qt: QuantizedTensor) -> dict[str, np.ndarray]:

@@ -44,7 +44,7 @@ def _task_lines(doc: dict) -> list[str]:
             if t is None:
                 cells.append("–" if not r.get("tasks_error") else "error")
                 continue
-            cell = f"{t['metric']} {t['value']:.3f} ± {t['stderr']:.3f}"
+            cell = f"{t['metric']} {t['value']:.3f}" + (f" ± {t['stderr']:.3f}" if t.get('stderr') is not None else "")
             if t.get("diff") is not None:
                 cell += f" ({t['diff']:+.3f} [{t['ci95'][0]:+.3f}, {t['ci95'][1]:+.3f}], agree {t['agreement']:.0%})"
             cells.append(cell)
@@ -214,6 +214,37 @@ def _svg_bars(bars: list[tuple[str, float, bool]], w: int = 560) -> str:
     return "\n".join(out + ["</svg>"])
 
 
+def _svg_task_drops(doc: dict, w: int = 640) -> str:
+    """Forest plot: each target's paired difference to the original per task, with its 95 % bootstrap interval
+    (red: the interval lies below zero — a drop the documents support; dashed: a max_task_drop limit)."""
+    rows = [(task, r["name"], t) for task in dict.fromkeys(k for r in doc["targets"] for k in (r.get("tasks") or {}))
+            for r in doc["targets"] if (t := (r.get("tasks") or {}).get(task)) and t.get("diff") is not None]
+    if not rows:
+        return "<p>no task results</p>"
+    lims = [v for r in doc["targets"] for k, v in (r.get("gates") or {}).items() if k.startswith("max_task_drop")
+            for v in [v.get("limit")] if isinstance(v, int | float)]
+    span = max([abs(x) for _, _, t in rows for x in (t["ci95"] or [t["diff"]])] + [abs(-x) for x in lims] + [0.02]) * 1.15
+    h, left = 30 + 18 * len(rows) + 30, 230
+    def px(x): return left + (x + span) / (2 * span) * (w - left - 20)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" aria-label="task drops">',
+           f'<line x1="{px(0):.1f}" y1="10" x2="{px(0):.1f}" y2="{h-30}" stroke="#333"/>']
+    for lim in sorted(set(lims)):
+        out.append(f'<line x1="{px(-lim):.1f}" y1="10" x2="{px(-lim):.1f}" y2="{h-30}" stroke="#c33" stroke-dasharray="4 3">'
+                   f'<title>max_task_drop {lim:g}</title></line>')
+    for i, (task, name, t) in enumerate(rows):
+        y = 22 + 18 * i
+        lo, hi = t["ci95"] or (t["diff"], t["diff"])
+        col = "#c33" if hi < 0 else "#2a6fdb"
+        out.append(f'<text x="{left-8}" y="{y+4}" font-size="11" text-anchor="end">{html.escape(task)} · {html.escape(name)}</text>'
+                   f'<line x1="{px(lo):.1f}" y1="{y}" x2="{px(hi):.1f}" y2="{y}" stroke="{col}" stroke-width="2"/>'
+                   f'<circle cx="{px(t["diff"]):.1f}" cy="{y}" r="4" fill="{col}"><title>{t["diff"]:+.3f} [{lo:+.3f}, {hi:+.3f}]'
+                   f'</title></circle>')
+    for xv in (-span / 1.15, 0.0, span / 1.15):
+        out.append(f'<text x="{px(xv):.1f}" y="{h-14}" font-size="10" text-anchor="middle">{xv:+.3f}</text>')
+    out.append(f'<text x="{px(0):.1f}" y="{h-2}" font-size="11" text-anchor="middle">difference to the original (metric units)</text>')
+    return "\n".join(out + ["</svg>"])
+
+
 def render_html(doc: dict, baseline: dict | None = None, shadow: list[dict] | None = None) -> str:
     md_rows = _rows(doc)
     head = ["target", "runtime", "kernel", "verdict", "tokenizer"] + [c[0] for c in COLUMNS]
@@ -237,7 +268,8 @@ tr.fail td{{background:#fde2e2}} tr.pass td{{background:#e6f6ea}} tr.ref td{{bac
 <table id="summary"><thead><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in head)}</tr></thead><tbody>{''.join(trs)}</tbody></table>
 {f'<h2>Failures</h2><ul id="failures">{fails}</ul>' if fails else ''}
 <div class="plots"><figure><figcaption>Quality vs size</figcaption>{scatter}</figure>
-<figure><figcaption>Decode speed per backend</figcaption>{bars}</figure></div>
+<figure><figcaption>Decode speed per backend</figcaption>{bars}</figure>
+{f'<figure id="task-drops"><figcaption>Task differences to the original, 95 % intervals</figcaption>{_svg_task_drops(doc)}</figure>' if any(r.get("tasks") for r in doc["targets"]) else ''}</div>
 <pre>{html.escape(render_md(doc, baseline, shadow))}</pre>
 </body></html>
 """

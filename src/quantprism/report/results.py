@@ -38,6 +38,11 @@ def evaluate_gates(row: dict, gates: dict[str, float], skip_bench: bool) -> dict
     --skip-bench (passed None, skipped), and latency gates on an emulated kernel (not a speed figure)."""
     out = {}
     for name, limit in gates.items():
+        if name.startswith("max_task_drop."):  # per task: the drop (original − target) of that task
+            diff = get(row, ("tasks", name.split(".", 1)[1], "diff"))
+            value = None if diff is None else -diff + 0.0
+            out[name] = {"limit": limit, "value": value, "passed": value is not None and value <= limit}
+            continue
         path, op = GATE_FIELDS[name]
         value = get(row, path)
         if path[0] == "latency" and (skip_bench or (row.get("latency") or {}).get("comparable") is False):

@@ -133,6 +133,14 @@ class OnnxRuntimeSession(HFTokenizerSession, GreedySession):
     def logits(self, ids: list[int] | np.ndarray) -> np.ndarray:
         return np.asarray(self._step([int(i) for i in ids], self._empty_past())[0], np.float32)
 
+    def continuation_logits(self, ctx: list[int], conts: list[list[int]]) -> list[np.ndarray]:
+        """The rows that score each continuation after one shared prefill of ``ctx`` (multiple-choice tasks): each
+        continuation runs from the context's presents (ORT never writes its inputs, so they are shared as is)."""
+        logits, past = self._step([int(i) for i in ctx], self._empty_past())
+        last = np.asarray(logits[-1:], np.float32)
+        return [np.concatenate([last, np.asarray(self._step([int(i) for i in c[:-1]], past)[0], np.float32)])
+                if len(c) > 1 else last.copy() for c in conts]
+
     def _prefill(self, ids: list[int], max_new: int) -> np.ndarray:
         logits, self._past = self._step(ids, self._empty_past())
         return logits[-1]

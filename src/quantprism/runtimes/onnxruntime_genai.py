@@ -115,6 +115,22 @@ class OnnxRuntimeGenAISession(HFTokenizerSession, GreedySession):
                                 "its lm_head to the last position, re-export it without prune_lm_head")
         return out[0]
 
+    def continuation_logits(self, ctx: list[int], conts: list[list[int]]) -> list[np.ndarray]:
+        """The rows that score each continuation after one shared prefill of ``ctx``: the generator rewinds to the
+        context's end (``rewind_to``) before each continuation."""
+        g = self._generator(len(ctx) + max((len(c) for c in conts), default=1))
+        g.append_tokens(self._ids(ctx))
+        last = np.asarray(g.get_output("logits"), dtype=np.float32)[0, -1:]
+        out = []
+        for c in conts:
+            if len(c) > 1:
+                g.rewind_to(len(ctx))
+                g.append_tokens(self._ids(c[:-1]))
+                out.append(np.concatenate([last, np.asarray(g.get_output("logits"), dtype=np.float32)[0]]))
+            else:
+                out.append(last.copy())
+        return out
+
     def _prefill(self, ids: list[int], max_new: int) -> np.ndarray:
         self._gen = self._generator(len(ids) + max_new)
         self._gen.append_tokens(self._ids(ids))

@@ -39,23 +39,23 @@ class TorchSession(GreedySession):
             return self.model(torch.as_tensor(np.asarray(ids, dtype=np.int64))[None]).logits[0].float().numpy()
 
     def continuation_logits(self, ctx: list[int], conts: list[list[int]]) -> list[np.ndarray]:
-        """The rows that score each continuation after one shared prefill of ``ctx`` (a copy of the KV cache each)."""
-        import copy
-
+        """The rows that score each continuation after one shared prefill of ``ctx``: the KV cache is repeated once
+        per continuation and all continuations run as one right-padded batch (causal attention: a real position
+        never sees the padding after it)."""
         import torch
 
         with torch.inference_mode():
             out = self.model(torch.tensor([ctx]), use_cache=True)
             last = out.logits[0, -1:].float().numpy()
-            res = []
-            for cont in conts:
-                if len(cont) > 1:
-                    o = self.model(torch.tensor([cont[:-1]]), past_key_values=copy.deepcopy(out.past_key_values),
-                                   use_cache=True)
-                    res.append(np.concatenate([last, o.logits[0].float().numpy()]))
-                else:
-                    res.append(last.copy())
-        return res
+            longer = [c[:-1] for c in conts if len(c) > 1]
+            if not longer:
+                return [last.copy() for _ in conts]
+            width = max(len(c) for c in longer)
+            batch = torch.tensor([c + [0] * (width - len(c)) for c in longer])
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(len(longer))
+            rows = iter(self.model(batch, past_key_values=cache, use_cache=True).logits.float().numpy())
+        return [np.concatenate([last, next(rows)[: len(c) - 1]]) if len(c) > 1 else last.copy() for c in conts]
 
     def _prefill(self, ids: list[int], max_new: int) -> np.ndarray:
         import torch

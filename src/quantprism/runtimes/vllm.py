@@ -264,6 +264,27 @@ class VllmSession:
             raise RuntimeError("captured logits disagree with vLLM's prompt log-probs")
         return rows.astype(np.float32)
 
+    def score_continuations(self, requests: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
+        """lm-eval's (log-likelihood, is_greedy) of each request's last ``n`` tokens from vLLM's own prompt
+        log-probs, every request in one ``generate`` call (the scheduler batches them)."""
+        # the one sampled token needs a position: keep the newest max_model_len − 1 tokens
+        requests = [([int(i) for i in ids][-(self.max_model_len - 1):], n) for ids, n in requests]
+        outs = self.llm.generate([{"prompt_token_ids": ids} for ids, _ in requests],
+                                 self._params(max_tokens=1, prompt_logprobs=1), use_tqdm=False)
+        res = []
+        for (ids, n), o in zip(requests, outs, strict=True):
+            picked = [o.prompt_logprobs[t][int(ids[t])] for t in range(len(ids) - n, len(ids))]
+            res.append((float(sum(p.logprob for p in picked)), all(p.rank == 1 for p in picked)))
+        return res
+
+    def generate_until(self, prompts: list[list[int]], until: list[str], max_tokens: int) -> list[str]:
+        """Greedy completions of every prompt in one ``generate`` call, cut at the first stop string."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0.0, seed=0, max_tokens=max_tokens, stop=list(until) or None)
+        outs = self.llm.generate([{"prompt_token_ids": [int(i) for i in p]} for p in prompts], params, use_tqdm=False)
+        return [o.outputs[0].text for o in outs]
+
     def timed_generate(self, ids: list[int], max_tokens: int, stop_at_eos: bool = True) -> tuple[list[int], float, list[float]]:
         engine = self.llm.llm_engine
         rid = f"t{time.perf_counter_ns()}"

@@ -1,0 +1,47 @@
+"""Broken and hostile input (issue 20): a target name cannot lead outside --out, and a path the targets file names
+is checked when `quantprism targets` runs — one line, exit 2, nothing written."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+GGUF = 'format = "gguf"\nruntime = "llamacpp"\nquant = "Q4_K_M"\n'
+
+
+def qp(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "quantprism.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "QUANTPRISM_CACHE": str(cwd / "cache")})
+
+
+@pytest.mark.parametrize("name", ["../../evil", "a/b", "..", "a..b", "-x", " x", "x\\\\y", "é", "x" * 101])
+def test_a_target_name_that_is_not_an_identifier_is_refused(tmp_path, name):
+    (tmp_path / "t.toml").write_text(f'[target."{name}"]\n{GGUF}')
+    for cmd in (("targets", "t.toml"), ("build", "--targets", "t.toml", "--out", "b/out")):
+        r = qp(*cmd, cwd=tmp_path)
+        assert r.returncode == 2 and "not a valid target name" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.toml"]  # nothing written, inside or outside
+
+
+def test_target_names_differing_only_in_case_are_refused(tmp_path):
+    (tmp_path / "t.toml").write_text(f"[target.Q4]\n{GGUF}[target.q4]\n{GGUF}")
+    r = qp("targets", "t.toml", cwd=tmp_path)
+    assert r.returncode == 2 and "differ only in case" in r.stderr
+
+
+@pytest.mark.parametrize("defaults, message", [
+    ('calibration = "missing.jsonl"', "no such calibration source"),
+    ('calibration = "empty-dir"', "directory has no .txt files"),
+    ('calibration = "data.parquet"', "unsupported calibration file type"),
+    ('eval_text = "missing.txt"', "no such evaluation text file"),
+    ('model = "no-model-here"', "no-model-here"),
+])
+def test_a_missing_or_wrong_kind_of_path_fails_at_targets_time(tmp_path, defaults, message):
+    (tmp_path / "empty-dir").mkdir()
+    (tmp_path / "data.parquet").write_bytes(b"PAR1")
+    (tmp_path / "t.toml").write_text(f"[defaults]\n{defaults}\n[target.a]\n{GGUF}")
+    r = qp("targets", "t.toml", cwd=tmp_path)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
