@@ -45,3 +45,24 @@ def test_a_missing_or_wrong_kind_of_path_fails_at_targets_time(tmp_path, default
     (tmp_path / "t.toml").write_text(f"[defaults]\n{defaults}\n[target.a]\n{GGUF}")
     r = qp("targets", "t.toml", cwd=tmp_path)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_model_folder_linking_outside_itself_is_refused_unless_allowed(tmp_path, run_cli):
+    import shutil
+    from pathlib import Path
+
+    from conftest import assert_one_line_error
+
+    src = Path(__file__).resolve().parents[1] / "src" / "quantprism" / "assets" / "reference-llama"
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in src.iterdir():
+        if f.name == "model.safetensors":
+            (model / f.name).symlink_to(f)  # leads outside the folder
+        else:
+            shutil.copy(f, model / f.name)
+    rc, _, err = run_cli("inspect", model)
+    assert_one_line_error(rc, err, "outside the model folder", "--allow-symlinks")
+    rc, out, err = run_cli("--allow-symlinks", "inspect", model)
+    assert rc == 0, err
+    os.environ.pop("QUANTPRISM_ALLOW_SYMLINKS", None)  # the flag sets it for this process

@@ -57,6 +57,16 @@ def resolve_source(source: str | Path | None) -> Path:
     return Path(source).expanduser()
 
 
+MAX_SOURCE_BYTES = 1 << 30  # calibration needs 128–512 windows; a bigger source is a mistake, not data
+
+
+def _check_size(path: Path, files: list[Path]) -> None:
+    total = sum(f.stat().st_size for f in files)
+    if total > MAX_SOURCE_BYTES:
+        raise CalibrationError(f"{path}: calibration source is {total / 2**30:.1f} GiB, over the 1 GiB bound; pass a "
+                               "sample of in-domain text (128–512 windows need a few MB)")
+
+
 def check_source(source: str | Path | None) -> Path:
     """The calibration source exists, is readable and is a kind the readers take (before any work)."""
     import os
@@ -73,6 +83,7 @@ def check_source(source: str | Path | None) -> Path:
         raise CalibrationError(f"{path}: not a regular file")
     if not os.access(path, os.R_OK):
         raise CalibrationError(f"{path}: not readable (permissions)")
+    _check_size(path, sorted(p for p in path.rglob("*.txt") if p.is_file()) if path.is_dir() else [path])
     return path
 
 
@@ -85,20 +96,25 @@ def read_documents(source: str | Path | None) -> list[str]:
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
             raise CalibrationError(f"{path}: directory has no .txt files")
+        _check_size(path, files)
         docs = [_read_text(p) for p in files]
     elif path.suffix == ".jsonl":
+        _check_size(path, [path])
         docs = []
         for lineno, line in enumerate(_read_text(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 raise CalibrationError(f"{path}:{lineno}: not valid JSON; each line must be an object with a \"text\" field") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise CalibrationError(f"{path}:{lineno}: missing string field \"text\"")
             docs.append(obj["text"])
     elif path.suffix in (".txt", ".md", "") or path == BUILTIN_CALIBRATION:
+        if not path.is_file():
+            raise CalibrationError(f"{path}: not a regular file")
+        _check_size(path, [path])
         docs = [_read_text(path)]
     else:
         raise CalibrationError(f"{path}: unsupported calibration file type '{path.suffix}'; use .txt or .jsonl")

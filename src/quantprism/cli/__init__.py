@@ -68,7 +68,9 @@ def _memory(text: str | None) -> int | None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="quantprism")
-def cli() -> None:
+@click.option("--allow-symlinks", is_flag=True, help="Accept model folders whose files are symlinks leading outside "
+              "them (e.g. a Hugging Face cache snapshot).")
+def cli(allow_symlinks: bool) -> None:
     """quantprism — one canonical quantization stage, every runtime, one verdict.
 
     \b
@@ -76,6 +78,8 @@ def cli() -> None:
       quantprism inspect                 # the bundled reference model
       quantprism targets targets.toml    # validate the deployment matrix
     """
+    if allow_symlinks:
+        os.environ["QUANTPRISM_ALLOW_SYMLINKS"] = "1"  # read by model loading in this process and the build's workers
 
 
 @cli.command("targets", epilog="Example:  quantprism targets targets.toml")

@@ -3,7 +3,9 @@ with the original's: per task the metric, its standard error, the difference to 
 interval over documents, and answer agreement. The build's workers run them; finish_row pairs them."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,18 @@ from ..errors import ConfigError
 
 BUNDLED = Path(__file__).resolve().parent.parent / "assets" / "tasks"
 N_BOOT = 1000
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval():
+    """lm-eval warns on every bundled task load (its custom_dataset hook); our build prints its own progress."""
+    log = logging.getLogger("lm_eval")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 @functools.lru_cache(maxsize=4)
@@ -51,7 +65,8 @@ def check_task_names(tasks: list[str], paths: list[str | Path] | None = None) ->
                           f"{', '.join(sorted(n for n in tm.all_tasks if n.startswith('qp_')))}")
     for t in tasks:
         try:
-            tm.load([t])
+            with _quiet_lm_eval():
+                tm.load([t])
         except Exception as e:  # datasets raises assorted errors when the data is not local
             raise ConfigError(f"task {t}: its data is not available offline ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:160] if str(e) else ''}); use a local task (dataset_path: json)") from None
@@ -68,8 +83,9 @@ def run_tasks(sess, tasks: list[str], bos: int, n_ctx: int, limit: int | None = 
 
     lm = QuantprismLM(session=sess, bos=bos, n_ctx=n_ctx)
     try:  # one call for every task: lm-eval batches all their requests by type
-        r = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=tm, limit=limit, log_samples=True,
-                                    verbosity="ERROR")
+        with _quiet_lm_eval():
+            r = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=tm, limit=limit, log_samples=True,
+                                        verbosity="ERROR")
     except Exception as e:  # datasets raises ConnectionError / FileNotFoundError when data is not local
         raise ConfigError(f"tasks {', '.join(tasks)}: {type(e).__name__}: "
                           f"{str(e).splitlines()[0][:160] if str(e) else ''}") from None

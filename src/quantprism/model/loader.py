@@ -87,23 +87,65 @@ def resolve_model_dir(path: str | Path | None) -> Path:
     return Path(path).expanduser()
 
 
+ST_HEADER_MAX = 100_000_000  # bytes: the safetensors reference implementation's own bound
+ST_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                  "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
 def _read_safetensors_header(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise ModelError(f"{path}: truncated safetensors file (no header)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > 100_000_000:
-                raise ModelError(f"{path}: not a safetensors file (header length {n})")
-            header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ModelError(f"{path}: corrupt safetensors header; re-export the checkpoint") from None
+    """The header of a safetensors file, checked before anything is allocated from it: its length fits the file
+    and a sane bound, every entry has a known dtype, a shape and offsets inside the data section whose byte count
+    matches the shape. Any violation is one ModelError naming the file."""
     size = path.stat().st_size
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise ModelError(f"{path}: truncated safetensors file ({size} bytes, header promises {8 + n + end})")
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ModelError(f"{path}: truncated safetensors file (no header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(ST_HEADER_MAX, size - 8):
+            raise ModelError(f"{path}: not a safetensors file (header length {n} in a {size}-byte file)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            raise ModelError(f"{path}: corrupt safetensors header; re-export the checkpoint") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"{path}: corrupt safetensors header (not a JSON object); re-export the checkpoint")
+    data = size - 8 - n
+    for name, v in header.items():
+        if name == "__metadata__":
+            continue
+        if isinstance(v, dict) and isinstance(v.get("dtype"), str) and v["dtype"] not in ST_DTYPE_BYTES:
+            raise ModelError(f"{path}: tensor {str(name)[:80]!r} has dtype {v['dtype'][:20]!r}, which quantprism does not read")
+        ok = (isinstance(v, dict) and v.get("dtype") in ST_DTYPE_BYTES and isinstance(v.get("shape"), list)
+              and all(type(d) is int and d >= 0 for d in v["shape"]) and isinstance(v.get("data_offsets"), list)
+              and len(v["data_offsets"]) == 2 and all(type(o) is int for o in v["data_offsets"]))
+        if not ok:
+            raise ModelError(f"{path}: corrupt safetensors header entry {str(name)[:80]!r}; re-export the checkpoint")
+        begin, stop = v["data_offsets"]
+        if not 0 <= begin <= stop or stop > data:
+            raise ModelError(f"{path}: truncated safetensors file ({size} bytes, tensor {str(name)[:80]!r} ends at "
+                             f"{8 + n + stop})")
+        count = 1
+        for d in v["shape"]:
+            count *= d
+        if count * ST_DTYPE_BYTES[v["dtype"]] != stop - begin:
+            raise ModelError(f"{path}: corrupt safetensors header: tensor {str(name)[:80]!r} has {stop - begin} bytes "
+                             f"for shape {v['shape']} {v['dtype']}")
     return header
+
+
+def _check_links(root: Path) -> None:
+    """A model folder's files must not be symlinks leading outside it (a pull request could point one at any file
+    on the CI machine) unless the user allows it (``--allow-symlinks``, e.g. for a Hugging Face cache snapshot)."""
+    import os
+
+    if os.environ.get("QUANTPRISM_ALLOW_SYMLINKS") == "1":
+        return
+    real = root.resolve()
+    for f in sorted(root.iterdir()):
+        if f.is_symlink() and not f.resolve().is_relative_to(real):
+            raise ModelError(f"{f}: a symlink to {f.resolve()}, outside the model folder; copy the files in, or pass "
+                             "--allow-symlinks (e.g. for a Hugging Face cache snapshot)")
 
 
 def load_model_info(path: str | Path | None = None) -> ModelInfo:
@@ -112,6 +154,7 @@ def load_model_info(path: str | Path | None = None) -> ModelInfo:
         raise ModelError(f"{root}: no such model directory; pass --model DIR (a local Hugging Face folder)")
     if not root.is_dir():
         raise ModelError(f"{root}: --model must be a directory with config.json and *.safetensors")
+    _check_links(root)
     cfg_path = root / "config.json"
     if not cfg_path.is_file():
         raise ModelError(f"{root}: no config.json; pass a Hugging Face model directory")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,19 @@ def check_gguf(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: no such GGUF file")
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise ArtifactError(f"{path}: not a GGUF file (magic {magic!r}); re-export it")
+        head = f.read(24)
+    if head[:4] != b"GGUF":
+        raise ArtifactError(f"{path}: not a GGUF file (magic {head[:4]!r}); re-export it")
+    if len(head) < 24:
+        raise ArtifactError(f"{path}: truncated GGUF ({size} bytes: no header); re-export it")
+    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
+    # a tensor record takes ≥ 32 bytes and a key-value pair ≥ 13: counts the file cannot hold are refused before
+    # any reader allocates for them
+    if version not in (2, 3) or n_tensors * 32 + n_kv * 13 > size - 24:
+        raise ArtifactError(f"{path}: malformed GGUF header (version {version}, {n_tensors} tensors, {n_kv} keys in "
+                            f"{size} bytes); re-export it")
     try:
         reader = gguf.GGUFReader(str(path))
         n = len(reader.tensors)
