@@ -70,12 +70,12 @@ def canonical_folder(info, method: str, bits: int, work: Path, group: int = 32, 
     return out
 
 
-def evaluate(folder: Path, limit: int | None, bos: int) -> dict:
+def evaluate(folder: Path, limit: int | None, bos: int, threads: int = 1) -> dict:
     """The bundled tasks on one model folder, in torch, through the build's own task runner."""
     from quantprism.evaluate.tasks import run_tasks
     from quantprism.runtimes import open_runtime
 
-    sess = open_runtime("torch", folder, threads=1)
+    sess = open_runtime("torch", folder, threads=threads)
     try:
         return run_tasks(sess, TASKS, bos, 1024, limit)
     finally:
@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".work" / "tasks")
     ap.add_argument("--limit", type=int, default=None, help="documents per task (default: all 120)")
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", default=None, help="a local HF model folder (default: the bundled model)")
     ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=sorted(VARIANTS))
     args = ap.parse_args()
@@ -97,10 +98,10 @@ def main() -> None:
     bos = load_tokenizer(info).bos_token_id or 0  # as the build's workers
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    results = {"original": evaluate(info.path, args.limit, bos)}
+    results = {"original": evaluate(info.path, args.limit, bos, args.threads)}
     for name in args.variants:
         method, bits, group, sym = VARIANTS[name]
-        results[name] = evaluate(canonical_folder(info, method, bits, args.work, group, sym), args.limit, bos)
+        results[name] = evaluate(canonical_folder(info, method, bits, args.work, group, sym), args.limit, bos, args.threads)
     table = {}
     for name, res in results.items():
         table[name] = {}

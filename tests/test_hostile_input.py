@@ -66,3 +66,56 @@ def test_a_model_folder_linking_outside_itself_is_refused_unless_allowed(tmp_pat
     rc, out, err = run_cli("--allow-symlinks", "inspect", model)
     assert rc == 0, err
     os.environ.pop("QUANTPRISM_ALLOW_SYMLINKS", None)  # the flag sets it for this process
+
+
+def test_the_write_side_proves_each_target_folder_is_directly_under_out(tmp_path):
+    """Defence in depth behind the name check: the build derives every target folder through one function."""
+    from quantprism.errors import ConfigError
+    from quantprism.pipeline.build import target_dir
+
+    out = tmp_path / "b" / "out"
+    assert target_dir(out, "q4km") == out / "q4km"
+    for bad in ("../../evil", "a/b", "..", "/etc"):
+        with pytest.raises(ConfigError, match="directly under --out"):
+            target_dir(out, bad)
+
+
+CONCURRENT = """
+[defaults]
+samples = 8
+seq_len = 128
+[target.q4km]
+format = "gguf"
+runtime = "llamacpp"
+quant = "Q4_K_M"
+[target.q4km.gates]
+max_size_mb = 4.0
+"""
+INT4 = """
+[target.int4]
+format = "onnx"
+runtime = "onnxruntime"
+quant = "nbits4"
+group_size = 32
+[target.int4.gates]
+max_size_mb = 11.2
+"""
+
+
+def test_two_builds_sharing_one_cache_at_once_both_succeed_identically(tmp_path):
+    """Same and different target sets at the same time on one canonical cache: the cache lock lets one pass solve
+    while the other waits and then reuses it; both exit 0 and the shared target's artifact is byte-identical."""
+    import hashlib
+    import subprocess
+
+    (tmp_path / "a.toml").write_text(CONCURRENT)
+    (tmp_path / "b.toml").write_text(CONCURRENT + INT4)
+    env = {**os.environ, "QUANTPRISM_CACHE": str(tmp_path / "cache"), "HF_DATASETS_OFFLINE": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "quantprism.cli", "build", "--targets", f"{n}.toml", "--out", n,
+                               "--skip-bench", "--quiet"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for n in ("a", "b")]
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-1500:] for o in outs]
+    sha = [hashlib.sha256((tmp_path / n / "q4km" / "model.gguf").read_bytes()).hexdigest() for n in ("a", "b")]
+    assert sha[0] == sha[1]
+    assert not list((tmp_path / "cache").glob("partial-*"))  # no checkpoint left behind by either pass

@@ -131,7 +131,7 @@ def test_session_options_and_latency(nbits8, record_property):
         open_session(out, opt_level="max")
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "no_data", "short_data", "no_model"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "no_data", "short_data", "no_model", "escape"])
 def test_damaged_artifact_is_one_line_error(nbits8, tmp_path, damage, run_cli):
     from quantprism.exporters.onnx import DATA_FILE, MODEL_FILE
     from quantprism.runtimes.onnxruntime import open_session
@@ -149,13 +149,24 @@ def test_damaged_artifact_is_one_line_error(nbits8, tmp_path, damage, run_cli):
     elif damage == "short_data":
         with open(d / DATA_FILE, "r+b") as f:
             f.truncate(4096)
+    elif damage == "escape":  # external data read from outside the artifact (issue 20): the file is there, valid
+        import onnx
+
+        proto = onnx.load(str(d / MODEL_FILE), load_external_data=False)
+        for t in proto.graph.initializer:
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = "../outside.data"
+        (d / MODEL_FILE).write_bytes(proto.SerializeToString())
+        shutil.move(d / DATA_FILE, tmp_path / "outside.data")
     else:
         (d / MODEL_FILE).unlink()
     with pytest.raises(ArtifactError) as e:
         open_session(d, threads=1)
     msg = str(e.value)
     assert "\n" not in msg and str(d) in msg
-    expect = {"no_data": "missing", "short_data": "truncated", "no_model": "no model.onnx"}.get(damage)
+    expect = {"no_data": "missing", "short_data": "truncated", "no_model": "no model.onnx",
+              "escape": "outside the model folder"}.get(damage)
     assert expect is None or expect in msg
     rc, _, err = run_cli("validate", d)  # the CLI: one line on stderr, exit 2
     assert_one_line_error(rc, err, *([expect] if expect else []))

@@ -20,6 +20,7 @@ import numpy as np
 
 from .. import __version__, progress
 from ..config import Target
+from ..errors import ConfigError
 from ..evaluate.tasks import check_task_names, pair_row, strip_docs
 from ..exporters.grids import grid_needs
 from ..hardware import detect
@@ -276,6 +277,15 @@ def original_precision(info: ModelInfo, max_memory: int | None) -> tuple[str | N
                   f"whole; {allowance / gb:.1f} GB allowed (--max-memory or available memory)")
 
 
+def target_dir(out: Path, name: str) -> Path:
+    """Where a target's files go: a folder directly under --out, whatever the name (names are checked when the
+    targets file is parsed; this is the write side's own proof)."""
+    d = out / name
+    if d.resolve().parent != out.resolve():
+        raise ConfigError(f"target {name!r}: its folder {d} would not be directly under --out {out}; rename the target")
+    return d
+
+
 def finish_row(row: dict, gates: dict, skip_bench: bool, original: dict | None = None) -> dict:
     """Gates and verdict of one target row. Speed-ups are against the original model's row of the same build:
     absolute tok/s differ from machine to machine, the ratio much less."""
@@ -340,24 +350,24 @@ def build(targets: list[Target], info: ModelInfo, s: BuildSettings, progress=Non
             row["plan"] = {"protected": plan["protected"], "bits_per_weight": plan["bits_per_weight"]} if plan else None
             t1 = time.perf_counter()
             key = export_key(t, info, run.paths[index[t.name]] if t.name in index else None, plan)
-            done = finished_export(s.out / t.name, key)
+            done = finished_export(target_dir(s.out, t.name), key)
             if done is not None:
                 artifacts[t.name], references[t.name] = done
                 row["export_resumed"] = True
                 s.log(f"{t.name}: export already finished in an earlier run (same inputs) — reused")
             else:
-                spec, artifacts[t.name] = export_target(t, info, res, plan, s.out / t.name, prov)
+                spec, artifacts[t.name] = export_target(t, info, res, plan, target_dir(s.out, t.name), prov)
                 references[t.name] = canonical_reference_file(info, spec, res, chunks,
-                                                              s.out / t.name / ".work" / "canonical-reference.npz", s.device)
-                mark_export(s.out / t.name, key, artifacts[t.name], references[t.name])
+                                                              target_dir(s.out, t.name) / ".work" / "canonical-reference.npz", s.device)
+                mark_export(target_dir(s.out, t.name), key, artifacts[t.name], references[t.name])
             row["seconds"] = {"export": round(time.perf_counter() - t1, 2)}
             row["artifact"] = str(artifacts[t.name])
             manifest = write_target_manifest(
-                s.out / t.name, artifacts[t.name], t, model_record(info), run.calibration.record(),
+                target_dir(s.out, t.name), artifacts[t.name], t, model_record(info), run.calibration.record(),
                 dataclasses.asdict(recipes[index[t.name]]) if t.name in index else None,
                 run.paths[index[t.name]].name if t.name in index else None, list(grid_needs(t, info).grids),
                 json.loads(json.dumps(plan, default=str)) if plan else None, machine.label)
-            row["manifest"] = {"path": str(s.out / t.name / MANIFEST), "sha256": manifest["artifact"]["sha256"],
+            row["manifest"] = {"path": str(target_dir(s.out, t.name) / MANIFEST), "sha256": manifest["artifact"]["sha256"],
                                "settings_sha256": manifest["target"]["settings_sha256"]}
             row["files"], row["size_bytes"] = _size(artifacts[t.name])
             row["size_mb"] = round(row["size_bytes"] / 1e6, 3)
@@ -395,7 +405,7 @@ def build(targets: list[Target], info: ModelInfo, s: BuildSettings, progress=Non
         row = rows[t.name]
         if row["status"] == "ok":
             s.log(f"{t.name}: smoke, quality and latency in {t.runtime}")
-            row.update(run_worker(t.name, t.runtime, artifacts[t.name], base, s, bos, s.out / t.name / ".work",
+            row.update(run_worker(t.name, t.runtime, artifacts[t.name], base, s, bos, target_dir(s.out, t.name) / ".work",
                                   references[t.name], tok_ref, t.tokenizer_parity,
                                   tasks=t.tasks if t.tasks is not None else s.tasks))
         finish_row(row, t.gates, s.skip_bench, original)

@@ -95,11 +95,7 @@ def run_stage(info: ModelInfo, recipes: list[Recipe], calibration: str | None, s
     """Solve every recipe in one streamed pass (one decoder layer in memory at a time), reusing cached results; the
     first recipe is the chain. ``max_memory``: bytes the pass may use (default: half of the available memory); the
     activations between layers spill to disk beyond what is left of it after one layer's working set."""
-    import torch
-
-    from ..exporters.state import TensorStore
-    from ..model.stream import LayerStream, device_of, dtype_of, skeleton
-    from ..quantize.stage import Streaming
+    from ..model.stream import dtype_of
 
     cache_dir = cache_dir or store.default_cache_dir()
     tok = load_tokenizer(info)
@@ -111,6 +107,20 @@ def run_stage(info: ModelInfo, recipes: list[Recipe], calibration: str | None, s
                             str(act_dtype).removeprefix("torch."), settings.forward_batch(calib.input_ids.shape[1]))
             for r in recipes]
     paths = [cache_dir / k for k in keys]
+    with store.cache_lock(cache_dir):  # another build on this cache finishes (and saves) first
+        return _solve(info, recipes, calib, settings, act_dtype, keys, paths, cache_dir, seed, device, max_memory,
+                      progress)
+
+
+def _solve(info, recipes, calib, settings, act_dtype, keys, paths, cache_dir, seed, device, max_memory,
+           progress) -> CanonicalRun:
+    """run_stage under the cache lock: the pass for whatever is not cached yet, then every result loaded."""
+    import torch
+
+    from ..exporters.state import TensorStore
+    from ..model.stream import LayerStream, device_of, skeleton
+    from ..quantize.stage import Streaming
+
     hits = [store.is_complete(p) for p in paths]
     counter: dict = {}
     if not all(hits):

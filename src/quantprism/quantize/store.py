@@ -10,8 +10,10 @@ renamed, so a crashed run never leaves a half-written result that a later run wo
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -28,6 +30,8 @@ from ..manifest import atomic_path, write_text_atomic
 from ..model.st_read import read_index, read_tensor
 from .grids import QuantizedTensor
 from .stage import CanonicalModel, Recipe
+
+log = logging.getLogger(__name__)
 
 TENSORS = "canonical.safetensors"  # the whole result in one file (an in-memory pass)
 HEAD = "head.safetensors"  # a streamed pass: what is not in the per-layer files (lm_head, embeddings)
@@ -119,6 +123,27 @@ def save(res: CanonicalModel, dest: Path, provenance: dict, layer_files: list[Pa
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+@contextlib.contextmanager
+def cache_lock(cache_dir: Path):
+    """One canonical pass at a time per cache folder (an exclusive ``flock`` on ``cache_dir/.lock``): two builds
+    sharing a cache wait for each other, and the second finds the first's results instead of racing it on the same
+    partial checkpoint and result folders. Released when the process exits, however it exits."""
+    import fcntl
+
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / ".lock", "a+b") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another quantprism run that holds the canonical cache %s", cache_dir)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def update_info(path: Path, info: dict) -> None:

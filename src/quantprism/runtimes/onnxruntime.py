@@ -50,10 +50,18 @@ def check_onnx(path: Path) -> dict:
     for t in proto.graph.initializer:
         if t.data_location == onnx.TensorProto.EXTERNAL:
             kv = {e.key: e.value for e in t.external_data}
-            end = int(kv.get("offset", 0)) + int(kv.get("length", 0))
+            try:
+                end = int(kv.get("offset", 0)) + int(kv.get("length", 0))
+            except ValueError:
+                raise ArtifactError(f"{model}: tensor {t.name[:80]}: malformed external-data offset/length; re-export it") from None
+            if "location" not in kv:
+                raise ArtifactError(f"{model}: tensor {t.name[:80]}: external data without a location; re-export it")
             need[kv["location"]] = max(need.get(kv["location"], 0), end)
+    root = model.parent.resolve()
     for loc, end in sorted(need.items()):
         f = model.parent / loc
+        if not f.resolve().is_relative_to(root):  # "../../etc/passwd" would have ORT read any file
+            raise ArtifactError(f"{model}: external data location {loc[:120]!r} points outside the model folder; refusing it")
         if not f.is_file():
             raise ArtifactError(f"{model}: external data file {loc} is missing; copy it next to {MODEL_FILE} or re-export")
         if f.stat().st_size < end:
