@@ -136,12 +136,20 @@ class QuantprismLM(LM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         batched = getattr(self.sess, "generate_until", None)
-        if batched is not None and requests and len({repr(r.args[1]) for r in requests}) == 1:
-            kw = requests[0].args[1]  # one task's requests share their generation settings
-            until = kw.get("until") or []
-            max_new = int(kw.get("max_gen_toks", 64))
-            prompts = [[self.bos, *self.tok_encode(r.args[0])][-(self.n_ctx - max_new):] for r in requests]
-            return batched(prompts, [until] if isinstance(until, str) else list(until), max_new)
+        if batched is not None:  # one batch per set of generation settings (a task's requests share theirs)
+            groups: dict[str, list[int]] = {}
+            for i, r in enumerate(requests):
+                groups.setdefault(repr(sorted(r.args[1].items())), []).append(i)
+            texts: list[str] = [""] * len(requests)
+            for idx in groups.values():
+                kw = requests[idx[0]].args[1]
+                until = kw.get("until") or []
+                max_new = int(kw.get("max_gen_toks", 64))
+                prompts = [[self.bos, *self.tok_encode(requests[i].args[0])][-(self.n_ctx - max_new):] for i in idx]
+                for i, text in zip(idx, batched(prompts, [until] if isinstance(until, str) else list(until), max_new),
+                                   strict=True):
+                    texts[i] = text
+            return texts
         out = []
         for req in requests:
             context, kw = req.args
