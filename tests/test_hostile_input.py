@@ -119,3 +119,56 @@ def test_two_builds_sharing_one_cache_at_once_both_succeed_identically(tmp_path)
     sha = [hashlib.sha256((tmp_path / n / "q4km" / "model.gguf").read_bytes()).hexdigest() for n in ("a", "b")]
     assert sha[0] == sha[1]
     assert not list((tmp_path / "cache").glob("partial-*"))  # no checkpoint left behind by either pass
+
+
+@pytest.mark.parametrize("stage", ["export", "runtime"])
+def test_sigterm_mid_build_leaves_no_partial_file_no_worker_and_a_rerun_resumes(tmp_path, stage):
+    """SIGTERM (a CI cancel) takes the Ctrl-C path: exit 143 with one line, the runtime worker goes too, no temp
+    or half-written file remains, and the same command run again finishes."""
+    import signal
+    import time
+
+    (tmp_path / "t.toml").write_text(CONCURRENT + INT4)
+    env = {**os.environ, "QUANTPRISM_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "quantprism.cli", "build", "--targets", "t.toml", "--out", "b", "--skip-bench", "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # export: the first target's export is finished; runtime: a validation worker has been started
+    mark = (tmp_path / "b" / "q4km" / ".work" / "export.json") if stage == "export" else \
+        (tmp_path / "b" / "q4km" / ".work" / "worker-spec.json")
+    deadline = time.time() + 600
+    while not mark.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1][-1500:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "terminated" in err and "Traceback" not in err, err[-1500:]
+    leftovers = [p for p in (tmp_path / "b").rglob("*") if ".tmp" in p.name or p.name.startswith(".tmp")]
+    assert not leftovers and not (tmp_path / "b" / "results.json").exists()
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(tmp_path / "b") not in ps  # no orphaned runtime worker
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-1500:]
+
+
+def test_a_full_disk_during_an_export_is_one_line_and_keeps_the_previous_artifact(tmp_path):
+    """A write over the file-size limit (RLIMIT_FSIZE stands in for a full disk: the same failed write(2)) while the
+    GGUF is re-exported: one line, exit 2, no temp file, the previous artifact byte-identical."""
+    import hashlib
+    import resource
+
+    (tmp_path / "t.toml").write_text(CONCURRENT)
+    env = {**os.environ, "QUANTPRISM_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "quantprism.cli", "build", "--targets", "t.toml", "--out", "b", "--skip-bench", "--quiet"]
+    assert subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True).returncode == 0
+    gguf = tmp_path / "b" / "q4km" / "model.gguf"
+    before = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    (tmp_path / "b" / "q4km" / ".work" / "export.json").unlink()  # the export runs again (canonical result cached)
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # 1 MiB per file; the GGUF is 3.5 MB
+
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, preexec_fn=small_disk)
+    assert r.returncode == 2 and "exporting q4km" in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
+    assert len([ln for ln in r.stderr.splitlines() if ln.startswith("error:")]) == 1  # (and the 8-sample warning)
+    assert hashlib.sha256(gguf.read_bytes()).hexdigest() == before
+    assert not [p for p in (tmp_path / "b").rglob("*") if p.name.endswith(".tmp")]

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
 
 from .. import __version__
-from ..errors import QuantprismError
+from ..errors import QuantprismError, disk_full
 
 DEFAULT_TARGETS = Path("targets.toml")
 
@@ -362,6 +364,15 @@ def main(argv: list[str] | None = None) -> int:
     from ..memory import release_freed_memory
 
     release_freed_memory()  # the streamed pass frees a layer's buffers after each layer: give them back
+    terminated = []
+
+    def on_term(signum, frame):  # SIGTERM (CI cancel, `kill`) takes the Ctrl-C path: workers killed, temps removed
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
+    if previous is not None:  # over RLIMIT_FSIZE a write fails with EFBIG (one line below) instead of killing us
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         rv = cli.main(args=argv, prog_name="quantprism", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
@@ -370,12 +381,22 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except click.exceptions.Exit as e:
         return e.exit_code
-    except click.exceptions.Abort:  # Ctrl-C: every artifact and checkpoint is written by rename, never half
-        print("error: interrupted; run the same command again to resume from what is finished", file=sys.stderr)
-        return 130
+    except OSError as e:
+        full = disk_full(e, "writing")
+        if full is None:
+            raise
+        print(f"error: {full}", file=sys.stderr)
+        return full.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):  # every artifact and checkpoint is written by rename
+        print(f"error: {'terminated' if terminated else 'interrupted'}; run the same command again to resume from what "
+              "is finished", file=sys.stderr)
+        return 143 if terminated else 130
     except click.ClickException as e:
         print(f"error: {e.format_message()} (see 'quantprism --help')", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

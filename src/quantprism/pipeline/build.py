@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import __version__, progress
 from ..config import Target
-from ..errors import ConfigError
+from ..errors import ConfigError, disk_full
 from ..evaluate.tasks import check_task_names, pair_row, strip_docs
 from ..exporters.grids import grid_needs
 from ..hardware import detect
@@ -373,7 +373,10 @@ def build(targets: list[Target], info: ModelInfo, s: BuildSettings, progress=Non
             row["size_mb"] = round(row["size_bytes"] / 1e6, 3)
             row["bits_per_weight"] = round(8 * row["size_bytes"] / info.n_params, 3)
             s.log(f"exported {t.name}: {row['size_mb']} MB")
-        except Exception as e:  # one target's export failure does not stop the others
+        except Exception as e:  # one target's export failure does not stop the others — a full disk stops the build
+            full = disk_full(e, f"exporting {t.name}")
+            if full is not None:
+                raise full from None
             row.update(status="error", error=f"export failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
             s.log(f"export of {t.name} FAILED: {row['error']}")
     s.seconds["export"] = round(time.perf_counter() - t0, 1)
