@@ -17,12 +17,14 @@ def qp(*args, cwd):
 
 
 @pytest.mark.parametrize("name", ["../../evil", "a/b", "..", "a..b", "-x", " x", "x\\\\y", "é", "x" * 101])
-def test_a_target_name_that_is_not_an_identifier_is_refused(tmp_path, name):
+def test_a_target_name_that_is_not_an_identifier_is_refused(tmp_path, name, run_cli, monkeypatch):
+    from conftest import assert_one_line_error
+
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "t.toml").write_text(f'[target."{name}"]\n{GGUF}')
     for cmd in (("targets", "t.toml"), ("build", "--targets", "t.toml", "--out", "b/out")):
-        r = qp(*cmd, cwd=tmp_path)
-        assert r.returncode == 2 and "not a valid target name" in r.stderr, r.stderr
-        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        rc, _, err = run_cli(*cmd)
+        assert_one_line_error(rc, err, "not a valid target name")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.toml"]  # nothing written, inside or outside
 
 
@@ -39,12 +41,15 @@ def test_target_names_differing_only_in_case_are_refused(tmp_path):
     ('eval_text = "missing.txt"', "no such evaluation text file"),
     ('model = "no-model-here"', "no-model-here"),
 ])
-def test_a_missing_or_wrong_kind_of_path_fails_at_targets_time(tmp_path, defaults, message):
+def test_a_missing_or_wrong_kind_of_path_fails_at_targets_time(tmp_path, defaults, message, run_cli, monkeypatch):
+    from conftest import assert_one_line_error
+
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "empty-dir").mkdir()
     (tmp_path / "data.parquet").write_bytes(b"PAR1")
     (tmp_path / "t.toml").write_text(f"[defaults]\n{defaults}\n[target.a]\n{GGUF}")
-    r = qp("targets", "t.toml", cwd=tmp_path)
-    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    rc, _, err = run_cli("targets", "t.toml")
+    assert_one_line_error(rc, err, message)
 
 
 def test_a_model_folder_linking_outside_itself_is_refused_unless_allowed(tmp_path, run_cli):
@@ -121,15 +126,21 @@ def test_two_builds_sharing_one_cache_at_once_both_succeed_identically(tmp_path)
     assert not list((tmp_path / "cache").glob("partial-*"))  # no checkpoint left behind by either pass
 
 
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """One canonical cache for the interrupt tests (their canonical pass is a cache hit after the first)."""
+    return tmp_path_factory.mktemp("qp-cache")
+
+
 @pytest.mark.parametrize("stage", ["export", "runtime"])
-def test_sigterm_mid_build_leaves_no_partial_file_no_worker_and_a_rerun_resumes(tmp_path, stage):
+def test_sigterm_mid_build_leaves_no_partial_file_no_worker_and_a_rerun_resumes(tmp_path, stage, shared_cache):
     """SIGTERM (a CI cancel) takes the Ctrl-C path: exit 143 with one line, the runtime worker goes too, no temp
     or half-written file remains, and the same command run again finishes."""
     import signal
     import time
 
-    (tmp_path / "t.toml").write_text(CONCURRENT + INT4)
-    env = {**os.environ, "QUANTPRISM_CACHE": str(tmp_path / "cache")}
+    (tmp_path / "t.toml").write_text(CONCURRENT)
+    env = {**os.environ, "QUANTPRISM_CACHE": str(shared_cache)}
     cmd = [sys.executable, "-m", "quantprism.cli", "build", "--targets", "t.toml", "--out", "b", "--skip-bench", "--quiet"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # export: the first target's export is finished; runtime: a validation worker has been started
@@ -150,14 +161,14 @@ def test_sigterm_mid_build_leaves_no_partial_file_no_worker_and_a_rerun_resumes(
     assert r.returncode == 0, r.stderr[-1500:]
 
 
-def test_a_full_disk_during_an_export_is_one_line_and_keeps_the_previous_artifact(tmp_path):
+def test_a_full_disk_during_an_export_is_one_line_and_keeps_the_previous_artifact(tmp_path, shared_cache):
     """A write over the file-size limit (RLIMIT_FSIZE stands in for a full disk: the same failed write(2)) while the
     GGUF is re-exported: one line, exit 2, no temp file, the previous artifact byte-identical."""
     import hashlib
     import resource
 
     (tmp_path / "t.toml").write_text(CONCURRENT)
-    env = {**os.environ, "QUANTPRISM_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "QUANTPRISM_CACHE": str(shared_cache)}
     cmd = [sys.executable, "-m", "quantprism.cli", "build", "--targets", "t.toml", "--out", "b", "--skip-bench", "--quiet"]
     assert subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True).returncode == 0
     gguf = tmp_path / "b" / "q4km" / "model.gguf"
