@@ -371,8 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
-    if previous is not None:  # over RLIMIT_FSIZE a write fails with EFBIG (one line below) instead of killing us
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    # over RLIMIT_FSIZE a write fails with EFBIG (one line below) instead of killing us
+    previous_xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN) if previous is not None else None
     try:
         rv = cli.main(args=argv, prog_name="quantprism", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
@@ -397,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGXFSZ, previous_xfsz)
 
 
 if __name__ == "__main__":
