@@ -60,35 +60,16 @@ def resolve_source(source: str | Path | None) -> Path:
 MAX_SOURCE_BYTES = 1 << 30  # calibration needs 128–512 windows; a bigger source is a mistake, not data
 
 
-def _check_size(path: Path, files: list[Path]) -> None:
-    total = sum(f.stat().st_size for f in files)
-    if total > MAX_SOURCE_BYTES:
-        raise CalibrationError(f"{path}: calibration source is {total / 2**30:.1f} GiB, over the 1 GiB bound; pass a "
-                               "sample of in-domain text (128–512 windows need a few MB)")
-
-
 def check_source(source: str | Path | None) -> Path:
-    """The calibration source exists, is readable and is a kind the readers take (before any work)."""
+    """The calibration source exists, is readable, is a kind the readers take and is within the size bound (before
+    any work: `quantprism targets`, and every read)."""
+    return _checked(source)[0]
+
+
+def _checked(source: str | Path | None) -> tuple[Path, list[Path]]:
+    """check_source's path and the files it reads (a directory's .txt files in a fixed order, else the file)."""
     import os
 
-    path = resolve_source(source)
-    if not path.exists():
-        raise CalibrationError(f"{path}: no such calibration source; pass a .txt, .jsonl or a directory of .txt")
-    if path.is_dir():
-        if not any(p.is_file() for p in path.rglob("*.txt")):
-            raise CalibrationError(f"{path}: directory has no .txt files")
-    elif path.suffix not in (".txt", ".md", ".jsonl", "") and path != BUILTIN_CALIBRATION:
-        raise CalibrationError(f"{path}: unsupported calibration file type '{path.suffix}'; use .txt or .jsonl")
-    elif not path.is_file():
-        raise CalibrationError(f"{path}: not a regular file")
-    if not os.access(path, os.R_OK):
-        raise CalibrationError(f"{path}: not readable (permissions)")
-    _check_size(path, sorted(p for p in path.rglob("*.txt") if p.is_file()) if path.is_dir() else [path])
-    return path
-
-
-def read_documents(source: str | Path | None) -> list[str]:
-    """The calibration documents of a source, in a fixed order."""
     path = resolve_source(source)
     if not path.exists():
         raise CalibrationError(f"{path}: no such calibration source; pass a .txt, .jsonl or a directory of .txt")
@@ -96,10 +77,25 @@ def read_documents(source: str | Path | None) -> list[str]:
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
             raise CalibrationError(f"{path}: directory has no .txt files")
-        _check_size(path, files)
-        docs = [_read_text(p) for p in files]
-    elif path.suffix == ".jsonl":
-        _check_size(path, [path])
+    elif path.suffix not in (".txt", ".md", ".jsonl", "") and path != BUILTIN_CALIBRATION:
+        raise CalibrationError(f"{path}: unsupported calibration file type '{path.suffix}'; use .txt or .jsonl")
+    elif not path.is_file():
+        raise CalibrationError(f"{path}: not a regular file")
+    else:
+        files = [path]
+    if not os.access(path, os.R_OK):
+        raise CalibrationError(f"{path}: not readable (permissions)")
+    total = sum(f.stat().st_size for f in files)
+    if total > MAX_SOURCE_BYTES:
+        raise CalibrationError(f"{path}: calibration source is {total / 2**30:.1f} GiB, over the 1 GiB bound; pass a "
+                               "sample of in-domain text (128–512 windows need a few MB)")
+    return path, files
+
+
+def read_documents(source: str | Path | None) -> list[str]:
+    """The calibration documents of a source, in a fixed order."""
+    path, files = _checked(source)
+    if path.suffix == ".jsonl" and not path.is_dir():
         docs = []
         for lineno, line in enumerate(_read_text(path).splitlines(), 1):
             if not line.strip():
@@ -111,13 +107,8 @@ def read_documents(source: str | Path | None) -> list[str]:
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise CalibrationError(f"{path}:{lineno}: missing string field \"text\"")
             docs.append(obj["text"])
-    elif path.suffix in (".txt", ".md", "") or path == BUILTIN_CALIBRATION:
-        if not path.is_file():
-            raise CalibrationError(f"{path}: not a regular file")
-        _check_size(path, [path])
-        docs = [_read_text(path)]
     else:
-        raise CalibrationError(f"{path}: unsupported calibration file type '{path.suffix}'; use .txt or .jsonl")
+        docs = [_read_text(f) for f in files]
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise CalibrationError(f"{path}: calibration source is empty")

@@ -345,29 +345,30 @@ def build(targets: list[Target], info: ModelInfo, s: BuildSettings, progress=Non
                "status": "ok"}
         rows[t.name] = row
         try:
+            tdir = target_dir(s.out, t.name)
             res = run.results[index[t.name]] if t.name in index else None
             plan = target_plan(t, res) if res is not None else None
             row["plan"] = {"protected": plan["protected"], "bits_per_weight": plan["bits_per_weight"]} if plan else None
             t1 = time.perf_counter()
             key = export_key(t, info, run.paths[index[t.name]] if t.name in index else None, plan)
-            done = finished_export(target_dir(s.out, t.name), key)
+            done = finished_export(tdir, key)
             if done is not None:
                 artifacts[t.name], references[t.name] = done
                 row["export_resumed"] = True
                 s.log(f"{t.name}: export already finished in an earlier run (same inputs) — reused")
             else:
-                spec, artifacts[t.name] = export_target(t, info, res, plan, target_dir(s.out, t.name), prov)
+                spec, artifacts[t.name] = export_target(t, info, res, plan, tdir, prov)
                 references[t.name] = canonical_reference_file(info, spec, res, chunks,
-                                                              target_dir(s.out, t.name) / ".work" / "canonical-reference.npz", s.device)
-                mark_export(target_dir(s.out, t.name), key, artifacts[t.name], references[t.name])
+                                                              tdir / ".work" / "canonical-reference.npz", s.device)
+                mark_export(tdir, key, artifacts[t.name], references[t.name])
             row["seconds"] = {"export": round(time.perf_counter() - t1, 2)}
             row["artifact"] = str(artifacts[t.name])
             manifest = write_target_manifest(
-                target_dir(s.out, t.name), artifacts[t.name], t, model_record(info), run.calibration.record(),
+                tdir, artifacts[t.name], t, model_record(info), run.calibration.record(),
                 dataclasses.asdict(recipes[index[t.name]]) if t.name in index else None,
                 run.paths[index[t.name]].name if t.name in index else None, list(grid_needs(t, info).grids),
                 json.loads(json.dumps(plan, default=str)) if plan else None, machine.label)
-            row["manifest"] = {"path": str(target_dir(s.out, t.name) / MANIFEST), "sha256": manifest["artifact"]["sha256"],
+            row["manifest"] = {"path": str(tdir / MANIFEST), "sha256": manifest["artifact"]["sha256"],
                                "settings_sha256": manifest["target"]["settings_sha256"]}
             row["files"], row["size_bytes"] = _size(artifacts[t.name])
             row["size_mb"] = round(row["size_bytes"] / 1e6, 3)

@@ -221,8 +221,7 @@ def _svg_task_drops(doc: dict, w: int = 640) -> str:
             for r in doc["targets"] if (t := (r.get("tasks") or {}).get(task)) and t.get("diff") is not None]
     if not rows:
         return "<p>no task results</p>"
-    lims = [v for r in doc["targets"] for k, v in (r.get("gates") or {}).items() if k.startswith("max_task_drop")
-            for v in [v.get("limit")] if isinstance(v, int | float)]
+    lims = [g["limit"] for r in doc["targets"] for k, g in (r.get("gates") or {}).items() if k.startswith("max_task_drop")]
     span = max([abs(x) for _, _, t in rows for x in (t["ci95"] or [t["diff"]])] + [abs(-x) for x in lims] + [0.02]) * 1.15
     h, left = 30 + 18 * len(rows) + 30, 230
     def px(x): return left + (x + span) / (2 * span) * (w - left - 20)
