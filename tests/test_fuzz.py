@@ -12,6 +12,7 @@ import shutil
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -231,3 +232,80 @@ def test_hostile_files_through_the_cli_are_one_line_exit_2(tmp_path, run_cli, st
         rc, _, err = run_cli(*map(str, args))
         assert_one_line_error(rc, err, needle)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+# `validate` end to end: mutated model GGUFs loaded in llama.cpp (in its child process) ------------------------------
+
+N_VALIDATE = int(os.environ.get("QUANTPRISM_FUZZ_VALIDATE", "20"))  # each example is a child process (~2 s)
+
+
+@pytest.fixture(scope="module")
+def model_gguf(tiny_models, tmp_path_factory) -> tuple[bytes, int, list[str]]:
+    """A real model GGUF (the tiny llama, F16: no canonical pass needed) that llama.cpp loads and runs; where its
+    tensor data starts; its single-number metadata keys."""
+    import gguf
+
+    from quantprism.exporters.gguf import write_gguf
+    from quantprism.model import load_model_info
+
+    path = tmp_path_factory.mktemp("gguf") / "m.gguf"
+    write_gguf(path, load_model_info(str(tiny_models["llama"])), None, "F16")
+    r = gguf.GGUFReader(str(path))
+    numeric = (gguf.GGUFValueType.UINT32, gguf.GGUFValueType.INT32, gguf.GGUFValueType.FLOAT32,
+               gguf.GGUFValueType.UINT64)
+    keys = sorted(k for k, f in r.fields.items() if f.types and f.types[0] in numeric and len(f.data) == 1)
+    return path.read_bytes(), int(r.data_offset), keys
+
+
+@pytest.mark.llamacpp
+def test_a_well_formed_gguf_that_aborts_llama_cpp_is_one_line_from_validate(model_gguf, tmp_path, run_cli):
+    """block_count 1000 in a structurally valid file: llama.cpp aborts natively (SIGABRT — in-process that kills
+    the tool silently, exit 134); `validate` loads in a child process, so the user gets one line and exit 2."""
+    import subprocess
+    import sys
+
+    import gguf
+
+    path = tmp_path / "abort.gguf"
+    path.write_bytes(model_gguf[0])
+    f = gguf.GGUFReader(str(path), "r+").fields["llama.block_count"]
+    f.parts[f.data[0]][0] = 1000
+    del f
+    raw = subprocess.run([sys.executable, "-c", "import sys; from quantprism.pipeline.commands import validate_artifact;"
+                          " validate_artifact(sys.argv[1], 1)", str(path)], capture_output=True, text=True)
+    assert raw.returncode == -6, raw.stderr[-500:]  # the failing case the child process is there for
+    rc, _, err = run_cli("validate", path, "--threads", "1")
+    assert_one_line_error(rc, err, "runtime process died (killed by SIGABRT)")
+
+
+@pytest.mark.llamacpp
+@settings(max_examples=N_VALIDATE, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzz_validate_on_mutated_model_ggufs(model_gguf, tmp_path_factory, run_cli, data):
+    """A real model GGUF with a metadata value replaced, header bytes flipped, or cut short, through
+    `quantprism validate`: it loads and runs (exit 0) or it is one line and exit 2 — never a traceback or a crash —
+    and nothing is written."""
+    tmp = tmp_path_factory.mktemp("val")
+    blob, data_offset, keys = model_gguf
+    kind = data.draw(st.sampled_from(["value", "flip", "truncate"]))
+    path = tmp / "m.gguf"
+    if kind == "value":
+        import gguf
+
+        path.write_bytes(blob)
+        f = gguf.GGUFReader(str(path), "r+").fields[data.draw(st.sampled_from(keys))]
+        part = f.parts[f.data[0]]
+        big = int(np.iinfo(part.dtype).max) if part.dtype.kind in "iu" else 1e30
+        part[0] = data.draw(st.sampled_from([0, 1, 3, 1000, big]))
+        del f, part
+    elif kind == "flip":  # the header, the metadata and the tensor records (the data follows them)
+        flips = data.draw(st.lists(st.tuples(st.integers(0, data_offset), st.integers(0, 255)), min_size=1, max_size=4))
+        path.write_bytes(_flip(blob, flips, data_offset))
+    else:
+        path.write_bytes(blob[:data.draw(st.integers(0, len(blob) - 1))])
+    before = sorted(tmp.rglob("*"))
+    rc, out, err = run_cli("validate", path, "--threads", "1")
+    if rc != 0:
+        assert_one_line_error(rc, err)
+    assert sorted(tmp.rglob("*")) == before

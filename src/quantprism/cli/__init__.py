@@ -237,9 +237,12 @@ def validate_cmd(artifact: Path, threads: int | None, model: str | None, eval_te
     checkpoint directory with a quantization_config → vLLM. A malformed, truncated or incomplete artifact
     (e.g. a missing external-data file) is one line on stderr and exit 2.
     """
-    from ..pipeline.commands import validate_artifact
+    from ..pipeline.isolate import call_isolated
 
-    v = validate_artifact(artifact, threads, model=model, eval_text=eval_text, parity="strict" if strict else "eval")
+    # in a child process: a runtime that aborts natively on a wrong-but-well-formed artifact is one line here
+    v = call_isolated("quantprism.pipeline.commands:validate_artifact",
+                      {"artifact": str(artifact), "threads": threads, "model": model, "eval_text": eval_text,
+                       "parity": "strict" if strict else "eval"}, f"validating {artifact}")
     click.echo(f"{v['artifact']}: {v['facts']}, loads in {v['runtime']} (kernel {v['kernel']}), generated {v['generated']} "
                f"tokens with {v['threads']} threads")
     p = v["tokenizer_parity"]

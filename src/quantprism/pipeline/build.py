@@ -75,7 +75,23 @@ def export_target(t: Target, info: ModelInfo, res, plan: dict | None, dest: Path
     return spec, fmt.export(spec, info, res, dest)
 
 
-EXPORT_STAMP = "export.json"
+def exports_cache() -> Path:
+    """Where resume markers and canonical references live: the tool's cache, not the output folder, so an interrupted
+    build leaves nothing but finished artifacts under --out."""
+    from ..quantize import store
+
+    return store.default_cache_dir().parent / "exports"
+
+
+def _stamp(target_dir: Path, key: str) -> Path:
+    where = hashlib.sha256(f"{target_dir.resolve()}\0{key}".encode()).hexdigest()[:24]
+    return exports_cache() / f"done-{where}.json"
+
+
+def _fingerprint(artifact: Path) -> list:
+    """Size and mtime of every file of the artifact: a marker does not vouch for files replaced since."""
+    files = sorted(p for p in artifact.rglob("*") if p.is_file()) if artifact.is_dir() else [artifact]
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
 def export_key(t: Target, info: ModelInfo, canonical_path: Path | None, plan: dict | None) -> str:
@@ -88,21 +104,21 @@ def export_key(t: Target, info: ModelInfo, canonical_path: Path | None, plan: di
 
 
 def finished_export(target_dir: Path, key: str) -> tuple[Path, Path] | None:
-    """(artifact, canonical reference) of an export an earlier run finished with the same key, else None."""
-    stamp = target_dir / ".work" / EXPORT_STAMP
+    """(artifact, canonical reference) of an export an earlier run finished into ``target_dir`` with the same key and
+    that is still as that run left it, else None."""
     try:
-        d = json.loads(stamp.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    art, ref = Path(d["artifact"]), Path(d["reference"])
-    if d.get("key") != key or not art.exists() or not ref.is_file():
-        return None
-    return art, ref
+        d = json.loads(_stamp(target_dir, key).read_text())
+        art, ref = Path(d["artifact"]), Path(d["reference"])
+        if art.exists() and ref.is_file() and _fingerprint(art) == d["files"]:
+            return art, ref
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        pass
+    return None
 
 
 def mark_export(target_dir: Path, key: str, artifact: Path, reference: Path) -> None:
-    write_json_atomic(target_dir / ".work" / EXPORT_STAMP, {"key": key, "artifact": str(artifact),
-                                                            "reference": str(reference)})
+    write_json_atomic(_stamp(target_dir, key), {"artifact": str(artifact.resolve()), "reference": str(reference),
+                                                "files": _fingerprint(artifact)})
 
 
 def base_logprobs_file(info: ModelInfo, s: BuildSettings, calibration_ids: np.ndarray, cache: Path) -> Path:
@@ -133,19 +149,25 @@ def base_logprobs_file(info: ModelInfo, s: BuildSettings, calibration_ids: np.nd
     return path
 
 
-def canonical_reference_file(info: ModelInfo, spec, res, chunks: np.ndarray, path: Path, device: str | None = "cpu") -> Path:
+def canonical_reference_file(info: ModelInfo, spec, res, chunks: np.ndarray, key: str, scratch: Path,
+                             device: str | None = "cpu") -> Path:
     """The canonical model of ``t`` (canonical fp state + the grids its format carries, dequantized — no exporter,
     no packer) scored on the smoke chunks. The smoke test holds the runtime's logits against it, so any
-    exporter/state mismatch (e.g. norms from the original while the codes are AWQ-scaled) fails the target."""
+    exporter/state mismatch (e.g. norms from the original while the codes are AWQ-scaled) fails the target.
+    Cached by the export key and the chunks."""
     from ..evaluate.compare import base_logprobs
     from ..evaluate.streamed import logits_fn, streamed_logits
     from ..exporters.state import canonical_weights
 
+    h = hashlib.sha256(key.encode() + np.ascontiguousarray(chunks).tobytes()).hexdigest()[:24]
+    path = exports_cache() / f"reference-{h}.npz"
+    if path.is_file():
+        return path
     state = canonical_weights(info, res, spec.grid_id)
-    ref = base_logprobs(chunks, logits_fn(streamed_logits(info, state, chunks, device, spill_dir=path.parent,
+    ref = base_logprobs(chunks, logits_fn(streamed_logits(info, state, chunks, device, spill_dir=scratch / "spill",
                                                           what=f"canonical model of {spec.name}")))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
     np.savez(tmp, scale=ref.scale, min_log_prob=ref.min_log_prob, q=ref.q, next_tokens=ref.next_tokens, chunks=chunks)
     tmp.replace(path)
     return path
@@ -212,8 +234,9 @@ def run_worker(name: str, runtime: str, artifact: Path, base: Path, s: BuildSett
         res = {"status": "error", "error": err}
     else:
         why = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
-        tail = [ln for ln in (err or "").strip().splitlines() if ln.strip()][-1:]
-        res = {"status": "error", "error": f"runtime process died ({why}){': ' + tail[0][:200] if tail else ''}"}
+        tail = [ln for ln in (err or "").strip().splitlines() if ln.strip()]
+        res = {"status": "error", "error": f"runtime process died ({why}){': ' + tail[-1][:200] if tail else ''}",
+               "log_tail": [ln[:300] for ln in tail[-20:]]}  # the scratch folder with the full log is removed
     res.setdefault("seconds", {})["wall"] = round(time.perf_counter() - t0, 2)
     return res
 
@@ -303,8 +326,23 @@ def finish_row(row: dict, gates: dict, skip_bench: bool, original: dict | None =
     return row
 
 
+SCRATCH = ".work"  # per-run scratch under --out (worker specs, logs, spill); removed however the build ends
+
+
 def build(targets: list[Target], info: ModelInfo, s: BuildSettings, progress=None) -> dict:
-    """Run the build and return the results document (also written to ``s.out/results.json``)."""
+    """Run the build and return the results document (also written to ``s.out/results.json``). Whatever happens —
+    success, a failed target, Ctrl-C, SIGTERM, a full disk — the scratch folder goes; what stays under --out is
+    finished artifacts, their manifests and (on success) the reports. Resume markers live in the cache."""
+    import shutil
+
+    scratch = s.out / SCRATCH
+    try:
+        return _build(targets, info, s, scratch, progress)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _build(targets: list[Target], info: ModelInfo, s: BuildSettings, scratch: Path, progress=None) -> dict:
     from ..model import load_tokenizer
     from ..quantize import store
     from .plan import plan_recipes, run_stage, target_plan
@@ -358,8 +396,7 @@ def build(targets: list[Target], info: ModelInfo, s: BuildSettings, progress=Non
                 s.log(f"{t.name}: export already finished in an earlier run (same inputs) — reused")
             else:
                 spec, artifacts[t.name] = export_target(t, info, res, plan, tdir, prov)
-                references[t.name] = canonical_reference_file(info, spec, res, chunks,
-                                                              tdir / ".work" / "canonical-reference.npz", s.device)
+                references[t.name] = canonical_reference_file(info, spec, res, chunks, key, scratch, s.device)
                 mark_export(tdir, key, artifacts[t.name], references[t.name])
             row["seconds"] = {"export": round(time.perf_counter() - t1, 2)}
             row["artifact"] = str(artifacts[t.name])
@@ -402,14 +439,14 @@ def build(targets: list[Target], info: ModelInfo, s: BuildSettings, progress=Non
         original["dtype"] = dtype
         if why:
             original["dtype_reason"] = why
-        original.update(run_worker("original", "torch", info.path, base, s, bos, s.out / ".work" / "original",
+        original.update(run_worker("original", "torch", info.path, base, s, bos, scratch / "original",
                                    options={"dtype": dtype}, tasks=every_task))
     original["passed"] = original.get("status") == "ok"
     for t in targets:
         row = rows[t.name]
         if row["status"] == "ok":
             s.log(f"{t.name}: smoke, quality and latency in {t.runtime}")
-            row.update(run_worker(t.name, t.runtime, artifacts[t.name], base, s, bos, target_dir(s.out, t.name) / ".work",
+            row.update(run_worker(t.name, t.runtime, artifacts[t.name], base, s, bos, scratch / "target" / t.name,
                                   references[t.name], tok_ref, t.tokenizer_parity,
                                   tasks=t.tasks if t.tasks is not None else s.tasks))
         finish_row(row, t.gates, s.skip_bench, original)
