@@ -34,6 +34,8 @@ def main() -> None:
     ap = quality_parser(__doc__.split("\n")[0])
     ap.set_defaults(eval_chunks=0)
     ap.add_argument("--method", default="gptq", help="canonical method for ours (see targets.toml 'method')")
+    ap.add_argument("--smoothquant-alpha", type=lambda v: v if v == "auto" else float(v), default="auto",
+                    help="ours, smoothquant methods: migration strength, or \"auto\" (searched per layer)")
     ap.add_argument("--tune", type=int, default=0, help="ours: epochs of block-wise tuning (targets.toml 'tune')")
     ap.add_argument("--tune-round", action="store_true", help="ours: the tuning learns the rounding too ('tune_round')")
     ap.add_argument("--threads", type=int, default=2)
@@ -62,7 +64,7 @@ def main() -> None:
     t0 = time.time()
     info = load_model_info(args.model)
     targets = [Target(name=f"ours-{ft}", format="gguf", runtime="llamacpp", quant=ft, method=args.method,
-                      tune=args.tune, tune_round=args.tune_round) for ft in file_types]
+                      smoothquant_alpha=args.smoothquant_alpha, tune=args.tune, tune_round=args.tune_round) for ft in file_types]
     recipes, index = plan_recipes(targets, info)
     import logging
 
@@ -119,13 +121,18 @@ def main() -> None:
             s.close()
         return summary
 
+    from quantprism.hardware import detect
+
+    machine = detect()
     out: dict = {
         "model": str(info.path), "calibration": run.calibration.record(), "method": args.method,
+        "smoothquant_alpha": args.smoothquant_alpha if args.method.startswith("smoothquant") else None,
         "tune": args.tune, "tune_round": args.tune_round,
         "eval_tokens_scored": int(f16_vs_original["n_tokens"]), "threads": args.threads,
         "f16_vs_original": {k: f16_vs_original[k] for k in ("kld_mean", "top1_agreement", "ppl_ratio")},
         "f16_bytes": f16.stat().st_size, "llama_cpp_python": versions("llama_cpp_python")["llama_cpp_python"],
         "autoround_runs": peer_records,
+        "machine": {"label": machine.label, "cpu": machine.cpu},  # llama.cpp's int8 activation kernels differ by ISA
     }
     for ft in file_types:
         m = {k: measure(p) for k, p in files[ft].items()}

@@ -303,7 +303,7 @@ def main() -> None:
     ap.add_argument("--method", default="gptq", help="canonical method for ours (gptq | smoothquant+gptq …)")
     ap.add_argument("--synthetic", action="store_true", help="also decode speed on a synthetic ~1B Llama")
     ap.add_argument("--ours-settings", default=[{"symmetric": True}], type=json.loads,
-                    help="JSON list of Target settings tried for ours (e.g. symmetric, refit, tune); the best on dev is "
+                    help="JSON list of Target settings tried for ours (e.g. symmetric, method, smoothquant_alpha, tune); the best on dev is "
                          "reported per bit width, as for every ORT row")
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".work" / "onnx")
     ap.add_argument("--block", type=int, default=32, choices=(16, 32, 64, 128), help="MatMulNBits block = our group size")
@@ -335,7 +335,7 @@ def main() -> None:
     vocab = int(info.config.get("vocab_size"))
     ours_settings = args.ours_settings
     targets = {(bits, i): Target(name=f"ours{bits[-1]}-{i}", format="onnx", runtime="onnxruntime", quant=bits,
-                                 group_size=args.block, method=args.method, **st)
+                                 group_size=args.block, **{"method": args.method, **st})
                for bits in ("nbits4", "nbits8") for i, st in enumerate(ours_settings)}  # 4-bit first: the chain's
     # first recipe is the one that tunes on quantized inputs
     recipes, index = plan_recipes(list(targets.values()))

@@ -206,11 +206,13 @@ def summarise(parts: dict) -> dict:
         s["gguf"]["autoround_runs"] = g.get("autoround_runs")
         s["gguf"]["seconds"] = g.get("seconds")
         s["gguf"]["tune"] = {"tune": g.get("tune"), "tune_round": g.get("tune_round")}
-    for key in ("gguf-untuned", "gguf-q5-ownchain"):  # without tuning (Q5_K_M's better row); Q5_K_M tuned on its own chain
-        u = parts.get(key)
-        if u:
-            s[key.replace("-", "_")] = {ft: {k: v for k, v in u[ft].items() if k != "details"}
-                                        for ft in ("Q4_K_M", "Q5_K_M") if ft in u}
+    # variants: without tuning, Q5_K_M tuned on its own chain, SmoothQuant with a searched α (gguf-sq-auto), …
+    for key in sorted(k for k in parts if k.startswith("gguf-")):
+        u = parts[key]
+        s[key.replace("-", "_")] = {ft: {k: v for k, v in u[ft].items() if k != "details"}
+                                    for ft in ("Q4_K_M", "Q5_K_M") if ft in u}
+        s[key.replace("-", "_")].update({k: u.get(k) for k in ("method", "smoothquant_alpha", "seconds", "machine")
+                                         if k in u})
     x = parts.get("experiments")  # technique experiments (which won, which lost), same evaluator as peers.py
     if x:
         s["techniques_w4_g64_sym"] = [{"variant": r["variant"], "kld": r["kld"], "top1": r["top1"], "ppl_ratio": r["ppl_ratio"],
@@ -231,6 +233,13 @@ def summarise(parts: dict) -> dict:
     o = parts.get("onnx")
     if o:
         s["onnx"] = {"goals": o.get("goals"), "int8": o.get("int8"), "int4": o.get("int4")}
+    for key in sorted(k for k in parts if k.startswith("onnx-")):  # e.g. onnx-int8-sq: INT8 with SmoothQuant "auto"
+        o = parts[key]
+        rows = o.get("rows", {})
+        s[key.replace("-", "_")] = {"goals": o.get("goals"), "best_ort_int8": o.get("best_ort_int8"),
+                                    "ours_nbits8": {k: rows.get("ours_nbits8", {}).get(k) for k in
+                                                    ("settings", "kld", "top1", "bytes", "dev_kld", "candidates")},
+                                    "machine": o.get("machine"), "versions": o.get("versions"), "seconds": o.get("seconds")}
     return s
 
 

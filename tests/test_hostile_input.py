@@ -132,7 +132,7 @@ def shared_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("qp-cache")
 
 
-@pytest.mark.parametrize("stage", ["canonical", "export", "runtime"])
+@pytest.mark.parametrize("stage", ["canonical", "export", "runtime", "runtime-onnx"])
 def test_sigterm_mid_build_leaves_no_partial_file_no_scratch_no_worker_and_a_rerun_resumes(tmp_path, stage,
                                                                                           shared_cache):
     """SIGTERM (a CI cancel) in each stage takes the Ctrl-C path: exit 143 with one line, the runtime worker goes too,
@@ -141,7 +141,7 @@ def test_sigterm_mid_build_leaves_no_partial_file_no_scratch_no_worker_and_a_rer
     import signal
     import time
 
-    (tmp_path / "t.toml").write_text(CONCURRENT)
+    (tmp_path / "t.toml").write_text(CONCURRENT + (INT4 if stage == "runtime-onnx" else ""))
     cache = shared_cache  # fresh for the first stage (the pass it interrupts), warm after
     env = {**os.environ, "QUANTPRISM_CACHE": str(cache)}
     cmd = [sys.executable, "-m", "quantprism.cli", "build", "--targets", "t.toml", "--out", "b", "--skip-bench", "--quiet"]
@@ -150,12 +150,13 @@ def test_sigterm_mid_build_leaves_no_partial_file_no_scratch_no_worker_and_a_rer
             p.unlink()  # an earlier test's marker for another folder is harmless, but wait for this build's own
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def reached() -> bool:  # canonical: layer 0 checkpointed; export: the first export marked; runtime: a worker started
+    def reached() -> bool:  # canonical: layer 0 checkpointed; export: the first export marked; runtime: its worker started
         if stage == "canonical":
             return bool(list((cache / "canonical").glob("partial-*/stream-000.json")))
         if stage == "export":
             return bool(list((cache / "exports").glob("done-*.json")))
-        return (tmp_path / "b" / ".work" / "target" / "q4km" / "worker-spec.json").exists()
+        worker = "int4" if stage == "runtime-onnx" else "q4km"  # llama.cpp's worker, or ONNX Runtime's
+        return (tmp_path / "b" / ".work" / "target" / worker / "worker-spec.json").exists()
 
     deadline = time.time() + 600
     while not reached() and proc.poll() is None and time.time() < deadline:

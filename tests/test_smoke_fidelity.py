@@ -24,7 +24,7 @@ seq_len = 128
 # name: (format, extra keys, methods). The transforms are what matters here (AWQ / SmoothQuant fold scales into the
 # norms), not the rounding: RTN keeps the one canonical pass small (GPTQ-in-the-loop AWQ searches cost minutes).
 MATRIX = {
-    "gguf-q4km": ("gguf", 'quant = "Q4_K_M"', ("rtn", "awq")),
+    "gguf-q4km": ("gguf", 'quant = "Q4_K_M"', ("rtn", "awq", "smoothquant+rtn")),
     "gptq-w4": ("gptq", "bits = 4\ngroup_size = 128", ("rtn", "awq")),
     "awq-w4": ("awq", "bits = 4\ngroup_size = 128\nsymmetric = false", ("rtn", "awq")),
     "ct-w4a16": ("compressed-tensors", 'quant = "W4A16"\ngroup_size = 128', ("rtn", "awq")),

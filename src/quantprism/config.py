@@ -100,7 +100,7 @@ class Target:
     refit: bool = False  # Hessian-weighted scale refit after GPTQ (int grids)
     tune: int = 0  # epochs of block-wise output reconstruction of the block parameters (quality knob; ~3× the pass)
     tune_round: bool = False  # the reconstruction also learns each weight's rounding (from GPTQ's)
-    smoothquant_alpha: float = 0.5
+    smoothquant_alpha: float | str = 0.5  # "auto": searched per layer with the runtime's activation rounding
     imatrix: bool = True
     threads: int | None = None
     protect: int = 0
@@ -286,8 +286,8 @@ def _parse_target(path: Path, name: str, raw: Any) -> Target:
     for key, value in raw.items():
         if key not in TARGET_KEYS:
             raise ConfigError(f"{where} unknown key '{key}'{_closest(key, list(TARGET_KEYS))}")
-        if key == "group_size" and value == "auto":
-            vals[key] = value  # resolved against the model's shapes (resolve_group_size)
+        if key in ("group_size", "smoothquant_alpha") and value == "auto":
+            vals[key] = value  # group size: resolved against the model's shapes; α: searched per layer
             continue
         vals[key] = _check_type(where, key, value, TARGET_KEYS[key])
         if key == "tasks":
@@ -371,8 +371,8 @@ def _check_combination(where: str, fmt: str, method: str, vals: dict[str, Any]) 
         raise ConfigError(f"{where} key 'tune_round' learns the rounding during tuning: set 'tune' to 1 or 2 epochs too")
     if "damp" in vals and not 0 < vals["damp"] < 1:
         raise ConfigError(f"{where} key 'damp': {vals['damp']} must be in (0, 1); 0.01 is typical")
-    if "smoothquant_alpha" in vals and not 0 <= vals["smoothquant_alpha"] <= 1:
-        raise ConfigError(f"{where} key 'smoothquant_alpha': {vals['smoothquant_alpha']} must be in [0, 1]")
+    if vals.get("smoothquant_alpha", "auto") != "auto" and not 0 <= vals["smoothquant_alpha"] <= 1:
+        raise ConfigError(f"{where} key 'smoothquant_alpha': {vals['smoothquant_alpha']} must be in [0, 1] or \"auto\"")
     if "max_bpw" in vals and vals["max_bpw"] <= 0:
         raise ConfigError(f"{where} key 'max_bpw': must be > 0")
     if vals.get("protect", 0) < 0:
@@ -381,7 +381,8 @@ def _check_combination(where: str, fmt: str, method: str, vals: dict[str, Any]) 
     if method.startswith("smoothquant") and not fmt_obj.acts_quantized(vals | {"method": method}):
         raise ConfigError(
             f"{where} key 'method': SmoothQuant only helps when activations are quantized; "
-            "use it with compressed-tensors quant=\"W8A8\" or an onnx target (its kernels quantize activations)"
+            "use it with compressed-tensors quant=\"W8A8\", an onnx target or a quantized GGUF (their kernels round "
+            "activations to 8 bits)"
         )
     fmt_obj.check(where, vals | {"method": method})
 

@@ -9,6 +9,8 @@ that difference, so the remaining disagreement measures the artifact, not the ke
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 # GGML weight type → the activation format ggml's CPU dot product uses for it (vec_dot_type)
@@ -63,3 +65,46 @@ def int8_activation_hooks(model: torch.nn.Module, modules: set[str]) -> list:
     """Round the inputs of ``modules`` (HF names) the way a W8A8 runtime does; returns hook handles."""
     return [mod.register_forward_pre_hook(lambda _m, args: (int8_per_token(args[0]), *args[1:]))
             for name, mod in model.named_modules() if name in modules and isinstance(mod, torch.nn.Linear)]
+
+
+def int8_per_block(x: torch.Tensor, block: int) -> torch.Tensor:
+    """ONNX Runtime MatMulNBits at accuracy_level 4 (MLAS CompInt8): per ``block`` values along K (the weights'
+    block length), symmetric int8 with an fp32 scale max|x|/127."""
+    shape = x.shape
+    xb = x.float().reshape(*shape[:-1], shape[-1] // block, block)
+    s = xb.abs().amax(-1, keepdim=True) / 127.0
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    return (torch.round(xb / s) * s).reshape(shape).to(x.dtype)
+
+
+def uint8_per_tensor(x: torch.Tensor) -> torch.Tensor:
+    """ONNX DynamicQuantizeLinear (ORT's W8A8 MatMulInteger graphs): one uint8 scale and zero point for the whole
+    input, over [min(0, x), max(0, x)]."""
+    xf = x.float()
+    lo, hi = min(0.0, float(xf.min())), max(0.0, float(xf.max()))
+    s = (hi - lo) / 255.0 or 1.0
+    zp = min(255.0, max(0.0, round(-lo / s)))
+    return ((torch.clamp(torch.round(xf / s) + zp, 0, 255) - zp) * s).to(x.dtype)
+
+
+ACT_ROUNDING = ("none", "ggml", "nbits", "token", "tensor")  # what a format's runtime does to a linear's input
+
+
+def activation_rounding(kind: str, grid) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The runtime's rounding of a linear's input for weights on ``grid``: llama.cpp (``ggml``: Q8_K per 256 for
+    k-quants and IQ4, Q8_0/Q8_1 per 32 for the legacy types), ONNX Runtime's MatMulNBits (``nbits``: int8 per weight
+    block), vLLM W8A8 (``token``: int8 per token), ORT's W8A8 graphs (``tensor``: uint8 per tensor); None where inputs
+    stay floating point."""
+    if kind == "ggml":
+        t = getattr(grid, "type", None)
+        if t is None or t in ("F16", "F32", "BF16"):
+            return None
+        return q8_k if t.endswith("_K") or t.startswith("IQ") else q8_0
+    if kind == "nbits":
+        gs = getattr(grid, "group_size", -1)
+        return None if gs is None or gs <= 0 else (lambda x, gs=gs: int8_per_block(x, gs))
+    if kind == "token":
+        return int8_per_token
+    if kind == "tensor":
+        return uint8_per_tensor
+    return None

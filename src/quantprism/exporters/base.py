@@ -80,6 +80,11 @@ class Format:
     def acts_quantized(self, vals: dict[str, Any]) -> bool:
         return self.quantizes_activations
 
+    def act_rounding(self, t: Target) -> str:
+        """How this format's runtime rounds a linear's inputs (evaluate/runtime_arith.ACT_ROUNDING): what a searched
+        SmoothQuant strength is measured against."""
+        return "none"
+
     def bits_group(self, t: Target) -> tuple[int, int]:
         """Weight bits and group size of the target's main grid (group -1 = per channel)."""
         return t.bits, t.group_size

@@ -117,6 +117,9 @@ class CompressedTensorsFormat(VLLMFormat):
     def acts_quantized(self, vals: dict) -> bool:
         return vals.get("quant") == "W8A8"
 
+    def act_rounding(self, t: Target) -> str:
+        return "token" if t.quant == "W8A8" else "none"
+
     def check(self, where: str, vals: dict) -> None:
         from ..errors import ConfigError
 

@@ -297,6 +297,14 @@ class GGUFFormat(Format):
         if method.startswith("awq") and quant in ("Q8_0", "F16"):
             raise ConfigError(f"{where} key 'method': AWQ scaling has no effect at {quant}; use rtn or gptq")
 
+    def acts_quantized(self, vals: dict) -> bool:
+        # llama.cpp's CPU dot products round every activation row to 8 bits (Q8_K per 256, Q8_0/Q8_1 per 32) for
+        # every quantized weight type: SmoothQuant's migration of activation outliers into the weights applies
+        return vals.get("quant") not in ("F16", "F32", "BF16", None)
+
+    def act_rounding(self, t: Target) -> str:
+        return "ggml" if self.acts_quantized({"quant": t.quant}) else "none"
+
     def bits_group(self, t: Target) -> tuple[int, int]:
         return BITS_GROUP[t.quant or "F16"]
 

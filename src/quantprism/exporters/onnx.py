@@ -287,6 +287,9 @@ class OnnxFormat(Format):
     # MatMulNBits runs with accuracy_level 4: activations are rounded to int8 per block inside the kernel
     quantizes_activations = True
 
+    def act_rounding(self, t: Target) -> str:
+        return "nbits" if (t.quant or "").startswith("nbits") else "tensor" if t.quant == "w8a8" else "none"
+
     def check(self, where: str, vals: dict) -> None:
         quant, gs = vals.get("quant"), vals.get("group_size", 128)
         if quant not in ONNX_SCHEMES:

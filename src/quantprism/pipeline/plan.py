@@ -26,6 +26,8 @@ METHOD_TO_RECIPE = {
 
 
 def _base_recipe(t: Target, info: ModelInfo | None) -> Recipe:
+    from ..exporters import FORMATS
+
     transform, method = METHOD_TO_RECIPE[t.method]
     needs = grid_needs(t, info)
     grids = needs.grids
@@ -34,7 +36,9 @@ def _base_recipe(t: Target, info: ModelInfo | None) -> Recipe:
         grids = tuple(dict.fromkeys(grids + (higher_grid(grids[0]),)))
     return Recipe(grids=grids, transform=transform, method=method, head_grids=needs.head,
                   embed_grids=needs.embed, awq_grid=grids[0] if transform == "awq" and grids else None,
-                  sq_alpha=t.smoothquant_alpha, damp=t.damp, clip=t.clip_search, act_order=t.act_order,
+                  sq_alpha=None if t.smoothquant_alpha == "auto" else t.smoothquant_alpha,
+                  act_round=FORMATS[t.format].act_rounding(t) if transform == "smoothquant" else "none",
+                  search_grids=grids if transform == "smoothquant" and t.smoothquant_alpha == "auto" else (), damp=t.damp, clip=t.clip_search, act_order=t.act_order,
                   sensitivity=mixed, refit=t.refit and method == "gptq", tune=t.tune if method == "gptq" else 0,
                   tune_round=t.tune_round and method == "gptq" and t.tune > 0,
                   tune_mix=_mix_entries(t, needs.mix) if t.tune and method == "gptq" else ())
@@ -59,8 +63,8 @@ def plan_recipes(targets: list[Target], info: ModelInfo | None = None) -> tuple[
             continue  # nothing to quantize (e.g. GGUF F16)
         for i, other in enumerate(recipes):
             same = (other.transform, other.method, other.damp, other.clip, other.act_order, other.sq_alpha,
-                    other.awq_grid, other.refit, other.tune, other.tune_round) == (
-                r.transform, r.method, r.damp, r.clip, r.act_order, r.sq_alpha, r.awq_grid, r.refit, r.tune,
+                    other.act_round, other.search_grids, other.awq_grid, other.refit, other.tune, other.tune_round) == (
+                r.transform, r.method, r.damp, r.clip, r.act_order, r.sq_alpha, r.act_round, r.search_grids, r.awq_grid, r.refit, r.tune,
                 r.tune_round)
             if same:
                 def merge(a, b):

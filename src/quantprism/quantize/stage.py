@@ -26,6 +26,7 @@ import torch
 
 from .. import progress as pbar
 from ..errors import QuantprismError
+from ..evaluate.runtime_arith import activation_rounding
 from ..memory import trim_heap
 from ..model.archs import ARCHS, LLAMA
 from ..model.stream import LayerStream, capture_layer_inputs, layer_forward, to_device
@@ -34,7 +35,14 @@ from .gptq import fp_target_weights, gptq_quantize
 from .grids import IntGrid, QuantizedTensor, grid_from_id
 from .refit import refit_scales
 from .stats import Pairing, attach_collectors
-from .transforms import apply_scales, awq_search, foldable, scaled_hessian, smoothquant_scales
+from .transforms import (
+    apply_scales,
+    awq_search,
+    foldable,
+    scaled_hessian,
+    smoothquant_scales,
+    smoothquant_search,
+)
 from .tune import code_units, tunable, tune_layer_scales
 
 TRANSFORMS = ("none", "awq", "smoothquant")
@@ -50,7 +58,11 @@ class Recipe:
     head_grids: tuple[str, ...] = ()
     embed_grids: tuple[str, ...] = ()
     awq_grid: str | None = None
-    sq_alpha: float = 0.5
+    sq_alpha: float | None = 0.5  # None: searched per layer and input (transforms.smoothquant_search)
+    act_round: str = "none"  # the runtime's activation rounding the SmoothQuant search sees (runtime_arith.ACT_ROUNDING)
+    # the target's own grids the searched SmoothQuant rounds candidates on (first fitting each input width): a scale
+    # that suits one grid can ruin another (Q5_1 on weights that carry Q4_1 rounding is near-exact unscaled)
+    search_grids: tuple[str, ...] = ()
     damp: float = 0.01
     clip: bool = True
     act_order: bool = True  # static groups: columns in decreasing H-diagonal order, groups stay col // size
@@ -74,11 +86,15 @@ class Recipe:
             raise QuantprismError(f"unknown target {self.target!r}; use fp or quantized")
         if not 0 < self.damp < 1:
             raise QuantprismError(f"damp {self.damp} must be in (0, 1); 0.01 is typical")
-        for g in (*self.grids, *self.head_grids, *self.embed_grids):
+        for g in (*self.grids, *self.head_grids, *self.embed_grids, *self.search_grids):
             grid_from_id(g)
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        d = asdict(self)
+        for k in ("act_round", "search_grids"):
+            if d[k] in ("none", ()):
+                del d[k]  # added later: keys of recipes without them stay as they were
+        blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -326,9 +342,13 @@ def _solve_layer(layer, li: int, prefix: str, hs: Activations, kws: list[dict], 
                     s, ai = awq_search(work, group, st, agrid, n_grid=10 if solver else 20, solver=solver,
                                        arch=arch)
                     linfo[f"awq_{group}"] = ai
+                elif r.sq_alpha is None:  # every foldable input: SmolLM2's down_proj inputs carry outliers too
+                    k = work.get_submodule(groups[group][0]).weight.shape[1]
+                    fit = r.search_grids or r.grids
+                    sgrid = grid_from_id(first_fitting(fit, k) or fit[0])
+                    s, si = smoothquant_search(work, group, st, sgrid, activation_rounding(r.act_round, sgrid), arch)
+                    linfo[f"sq_{group}"] = si
                 else:
-                    if group not in ("attn_in", "mlp_in"):
-                        continue  # SmoothQuant: the norm-fed inputs carry the outliers
                     s = smoothquant_scales(work, group, st, r.sq_alpha, arch)
                 apply_scales(work, group, s, arch)
                 scales[group] = s

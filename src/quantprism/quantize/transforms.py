@@ -74,6 +74,37 @@ def smoothquant_scales(layer: torch.nn.Module, group: str, st: InputStats, alpha
     return _normalise(s)
 
 
+SQ_ALPHAS = tuple(i / 10 for i in range(1, 10))
+
+
+def smoothquant_search(layer: torch.nn.Module, group: str, st: InputStats, grid: Grid,
+                       act: Callable[[torch.Tensor], torch.Tensor] | None, arch: Arch = LLAMA) -> tuple[torch.Tensor, dict]:
+    """SmoothQuant's migration strength α chosen per layer and input: the candidate (no scaling, α = 0.1 … 0.9)
+    whose group output, with the runtime's activation rounding ``act`` applied to the scaled inputs and the scaled
+    weights rounded on ``grid`` (RTN: the search ranks candidates, GPTQ solves the chosen one), is closest to the fp
+    output on the calibration sample. A fixed α trades activation outliers for weight outliers blindly; layers
+    differ (on SmolLM2 a few carry massive activations, most none)."""
+    x = st.x_sample
+    lins = [layer.get_submodule(n) for n in arch.input_groups[group]]
+    W = torch.cat([m.weight.detach().float() for m in lins], 0)
+    y_ref = x @ W.T
+    wmax = torch.stack([m.weight.detach().abs().amax(0).float() for m in lins]).amax(0)
+    errs: dict[str, float] = {}
+    best = (float("inf"), None, torch.ones(W.shape[1]))
+    for alpha in (None, *SQ_ALPHAS):
+        s = torch.ones(W.shape[1]) if alpha is None else _normalise(
+            st.absmax.clamp_min(1e-5) ** alpha / wmax.clamp_min(1e-5) ** (1 - alpha))
+        Wq = torch.from_numpy(grid.rtn(W * s[None, :], None, clip=False).dequantize()).float()
+        xs = x / s[None, :]
+        if act is not None:
+            xs = act(xs)
+        err = float(((xs @ Wq.T - y_ref) ** 2).mean())
+        errs["none" if alpha is None else f"{alpha:.1f}"] = err
+        if err < best[0]:
+            best = (err, alpha, s)
+    return best[2], {"alpha": best[1], "mse": best[0], "mse_unscaled": errs["none"]}
+
+
 Solver = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (scaled W, scaled H) → dequantized W
 
 
