@@ -145,7 +145,10 @@ def test_one_pass_serves_all_default_targets(bundled):
     info, calib = bundled
     tf = parse_targets(REPO / "targets.toml")
     recipes, index = plan_recipes(list(tf.targets.values()))
-    assert len(index) == 6 and len(recipes) == 2  # GGUF/GPTQ/ONNX/GenAI share one recipe, AWQ has its own
+    # GPTQ/ONNX int4/GenAI share one recipe; AWQ has its own, and so has each SmoothQuant "auto" target (the search
+    # rounds candidates on that target's own grids: Q4_K_M's, ONNX int8's)
+    assert len(index) == 6 and len(recipes) == 4
+    assert sorted(r.transform for r in recipes) == ["awq", "none", "smoothquant", "smoothquant"]
     small = calib.input_ids[:2, :64]
     counts = []
     for rs in ([recipes[0]], recipes):
