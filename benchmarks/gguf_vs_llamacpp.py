@@ -36,6 +36,9 @@ def main() -> None:
     ap.add_argument("--method", default="gptq", help="canonical method for ours (see targets.toml 'method')")
     ap.add_argument("--smoothquant-alpha", type=lambda v: v if v == "auto" else float(v), default="auto",
                     help="ours, smoothquant methods: migration strength, or \"auto\" (searched per layer)")
+    ap.add_argument("--smoothquant-inputs", default="",
+                    help="ours, smoothquant methods: comma-separated linears whose inputs are scaled (targets.toml "
+                         "'smoothquant_inputs', e.g. down_proj); default every foldable input")
     ap.add_argument("--tune", type=int, default=0, help="ours: epochs of block-wise tuning (targets.toml 'tune')")
     ap.add_argument("--tune-round", action="store_true", help="ours: the tuning learns the rounding too ('tune_round')")
     ap.add_argument("--threads", type=int, default=2)
@@ -51,7 +54,7 @@ def main() -> None:
     from llamacpp_quantize import gguf_imatrix, quantize
 
     from quantprism.calibration import eval_text_path
-    from quantprism.config import Target
+    from quantprism.config import SQ_INPUTS, Target
     from quantprism.evaluate.compare import base_logprobs, compare, eval_token_chunks, torch_logits_fn
     from quantprism.exporters.gguf import write_gguf
     from quantprism.model import load_model_info, load_tokenizer, load_torch_model
@@ -64,7 +67,8 @@ def main() -> None:
     t0 = time.time()
     info = load_model_info(args.model)
     targets = [Target(name=f"ours-{ft}", format="gguf", runtime="llamacpp", quant=ft, method=args.method,
-                      smoothquant_alpha=args.smoothquant_alpha, tune=args.tune, tune_round=args.tune_round) for ft in file_types]
+                      smoothquant_alpha=args.smoothquant_alpha, tune=args.tune,
+                      smoothquant_inputs=tuple(sorted({SQ_INPUTS[n] for n in args.smoothquant_inputs.split(",") if n})), tune_round=args.tune_round) for ft in file_types]
     recipes, index = plan_recipes(targets, info)
     import logging
 
@@ -127,6 +131,7 @@ def main() -> None:
     out: dict = {
         "model": str(info.path), "calibration": run.calibration.record(), "method": args.method,
         "smoothquant_alpha": args.smoothquant_alpha if args.method.startswith("smoothquant") else None,
+        "smoothquant_inputs": args.smoothquant_inputs or None,
         "tune": args.tune, "tune_round": args.tune_round,
         "eval_tokens_scored": int(f16_vs_original["n_tokens"]), "threads": args.threads,
         "f16_vs_original": {k: f16_vs_original[k] for k in ("kld_mean", "top1_agreement", "ppl_ratio")},

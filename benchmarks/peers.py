@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -187,6 +188,10 @@ def main() -> None:
                "gptq+tune": Recipe(grids=(grid_id,), method="gptq", refit=True, tune=1),
                "gptq+tune2+round": Recipe(grids=(grid_id,), method="gptq", tune=2, tune_round=True)}
     ours_methods = ["rtn"] + [m for m in args.ours.split(",") if m and m != "rtn"]
+    for m in ours_methods:  # more epochs of the same tuning: gptq+tune<N>+round
+        if (t := re.fullmatch(r"gptq\+tune(\d+)\+round", m)) and m not in recipes:
+            recipes[m] = Recipe(grids=(grid_id,), method="gptq", tune=int(t[1]), tune_round=True)
+            OURS_DESC[m] = OURS_DESC["gptq+tune2+round"].replace("2 epochs", f"{t[1]} epochs").replace("tune = 2", f"tune = {t[1]}")
     todo = [(n, args.samples) for n in ours_methods] + (
         [(n, awq_n) for n in ("awq", "awq+gptq") if n in ours_methods] if awq_n else [])
     if args.reuse_ours:
@@ -205,7 +210,7 @@ def main() -> None:
                      "dev_kld": dv.evaluate(ov)["kld_mean"], **brief(ev.evaluate(ov))}
         print(f"ours {key:12s} dev {ours[key]['dev_kld']:.3e} eval {ours[key]['kld']:.3e} {secs} s", flush=True)
     rtn_kld = ours["rtn"]["kld"]
-    best_of = [n for n in ("gptq", "awq", "awq+gptq", "gptq+tune", "gptq+tune2+round") if n in ours]
+    best_of = [n for n in ours if n != "rtn" and "@" not in n]
     best = min(best_of, key=lambda n: ours[n]["dev_kld"]) if best_of else "rtn"
 
     # ---- peers, in their own venv: all settings in one worker process, scored on dev; chosen ones on eval

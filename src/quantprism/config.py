@@ -64,7 +64,7 @@ TARGET_KEYS: dict[str, Any] = {
     "method": str, "hardware": str, "description": str, "damp": float, "clip_search": bool,
     "act_order": bool, "smoothquant_alpha": float, "imatrix": bool, "threads": int,
     "protect": int, "max_bpw": float, "tokenizer_parity": str, "gates": dict, "refit": bool, "tune": int,
-    "tune_round": bool, "tasks": list,
+    "tune_round": bool, "tasks": list, "smoothquant_inputs": list,
 }
 HARDWARE_KEYS: dict[str, Any] = {"features": list, "runner": list, "extras": list, "arch": str, "description": str}
 
@@ -101,6 +101,7 @@ class Target:
     tune: int = 0  # epochs of block-wise output reconstruction of the block parameters (quality knob; ~3× the pass)
     tune_round: bool = False  # the reconstruction also learns each weight's rounding (from GPTQ's)
     smoothquant_alpha: float | str = 0.5  # "auto": searched per layer with the runtime's activation rounding
+    smoothquant_inputs: tuple[str, ...] = ()  # the inputs SmoothQuant scales (SQ_INPUTS names); () = every foldable one
     imatrix: bool = True
     threads: int | None = None
     protect: int = 0
@@ -239,6 +240,20 @@ def _task_names(where: str, value: list) -> tuple[str, ...]:
     return tuple(value)
 
 
+# the linears' inputs a SmoothQuant scale can be folded into, by the linears that read them
+SQ_INPUTS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
+             "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_out"}
+
+
+def _sq_inputs(where: str, value: list) -> tuple[str, ...]:
+    """Linear names → the input groups they read (q/k/v share one input, gate/up another), sorted and unique."""
+    bad = [v for v in value if v not in SQ_INPUTS]
+    if bad or not value:
+        raise ConfigError(f"{where} key 'smoothquant_inputs': {bad[0] if bad else value!r} is not one of "
+                          f"{', '.join(SQ_INPUTS)} (the linears whose inputs SmoothQuant scales)")
+    return tuple(sorted({SQ_INPUTS[v] for v in value}))
+
+
 def _parse_hardware(path: Path, raw: Any) -> dict[str, HardwareLabel]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: 'hardware' must hold [hardware.LABEL] tables")
@@ -292,6 +307,8 @@ def _parse_target(path: Path, name: str, raw: Any) -> Target:
         vals[key] = _check_type(where, key, value, TARGET_KEYS[key])
         if key == "tasks":
             vals[key] = _task_names(where, value)
+        elif key == "smoothquant_inputs":
+            vals[key] = _sq_inputs(where, value)
     for req in ("format", "runtime"):
         if req not in vals:
             raise ConfigError(f"{where} missing key '{req}'")
@@ -377,6 +394,8 @@ def _check_combination(where: str, fmt: str, method: str, vals: dict[str, Any]) 
         raise ConfigError(f"{where} key 'max_bpw': must be > 0")
     if vals.get("protect", 0) < 0:
         raise ConfigError(f"{where} key 'protect': must be ≥ 0")
+    if "smoothquant_inputs" in vals and not method.startswith("smoothquant"):
+        raise ConfigError(f"{where} key 'smoothquant_inputs' needs method = \"smoothquant+gptq\" or \"smoothquant+rtn\"")
     fmt_obj = FORMATS[fmt]  # the format owns its own rules
     if method.startswith("smoothquant") and not fmt_obj.acts_quantized(vals | {"method": method}):
         raise ConfigError(

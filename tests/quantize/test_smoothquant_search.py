@@ -3,6 +3,8 @@ rounding (llama.cpp's Q8_K / Q8_0, ORT's int8 blocks, vLLM's int8 tokens) and pi
 migration that minimises the output error of what the runtime will compute."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from quantprism.exporters import FORMATS
 from quantprism.model import load_model_info, load_torch_model
 from quantprism.pipeline import plan_recipes
 from quantprism.quantize.grids import IntGrid, KQuantGrid
+from quantprism.quantize.stage import Recipe
 from quantprism.quantize.stats import attach_collectors
 from quantprism.quantize.transforms import smoothquant_search
 
@@ -87,3 +90,53 @@ def test_the_search_migrates_massive_activations_only_where_the_runtime_rounds_t
     _, plain = smoothquant_search(layer, "attn_in", st, grid, None)
     assert plain["mse"] <= plain["mse_unscaled"]
     assert plain["mse_unscaled"] < info["mse_unscaled"] / 4  # what the rounding of activations costs unscaled
+
+
+@pytest.mark.parametrize("value, want", [(["down_proj"], ("mlp_out",)), (["k_proj", "q_proj", "v_proj"], ("attn_in",)),
+                                         (["gate_proj", "down_proj"], ("mlp_in", "mlp_out")), (["lm_head"], None),
+                                         ([], None)])
+def test_smoothquant_inputs_name_linears_and_become_input_groups(tmp_path, value, want):
+    (tmp_path / "t.toml").write_text('[target.t]\nformat="gguf"\nruntime="llamacpp"\nquant="Q5_K_M"\n'
+                                     f'method="smoothquant+gptq"\nsmoothquant_inputs={value!r}\n'.replace("'", '"'))
+    if want is None:
+        with pytest.raises(ConfigError, match="smoothquant_inputs.*down_proj"):
+            parse_targets(tmp_path / "t.toml")
+        return
+    t = parse_targets(tmp_path / "t.toml").targets["t"]
+    assert t.smoothquant_inputs == want
+    (r,), _ = plan_recipes([t])
+    assert r.sq_inputs == want
+    (every,), _ = plan_recipes([dataclasses.replace(t, smoothquant_inputs=())])
+    assert every.key() != r.key()  # a different recipe, cached apart
+    assert every.key() == Recipe(**{k: v for k, v in dataclasses.asdict(every).items() if k != "sq_inputs"}).key()
+
+
+def test_smoothquant_inputs_need_a_smoothquant_method(tmp_path):
+    (tmp_path / "t.toml").write_text('[target.t]\nformat="gguf"\nruntime="llamacpp"\nquant="Q5_K_M"\nmethod="gptq"\n'
+                                     'smoothquant_inputs=["down_proj"]\n')
+    with pytest.raises(ConfigError, match="smoothquant_inputs.*needs method"):
+        parse_targets(tmp_path / "t.toml")
+
+
+def test_only_the_named_inputs_are_scaled():
+    """sq_inputs=("mlp_out",): down_proj's columns and up_proj's rows (where its scale is divided out) move; the
+    norms, q/k/v/o and gate stay bit-identical (a Q4_1-origin row stays on its grid). Without it every input moves."""
+    from quantprism.calibration import build_calibration
+    from quantprism.model import load_tokenizer
+    from quantprism.quantize.stage import StageSettings, run_canonical
+
+    info = load_model_info(None)
+    ids = build_calibration(load_tokenizer(info), "builtin", samples=2, seq_len=64, seed=0, warn=False).input_ids
+    model = load_torch_model(info)
+    orig = {k: v.detach().clone() for k, v in model.model.layers[0].state_dict().items()}
+    grids = (KQuantGrid("Q5_K", True).id,)
+    only = Recipe(grids=grids, transform="smoothquant", method="rtn", sq_alpha=None, act_round="ggml",
+                  search_grids=grids, sq_inputs=("mlp_out",))
+    every = dataclasses.replace(only, sq_inputs=())
+    res = run_canonical(model, ids, StageSettings([only, every], sequential=False))
+    moved = {}
+    for tag, r in zip(("only", "every"), res, strict=True):
+        moved[tag] = sorted(k for k, v in orig.items() if not torch.equal(r.fp[f"model.layers.0.{k}"], v.float()))
+    assert set(moved["only"]) <= {"mlp.down_proj.weight", "mlp.up_proj.weight"}, moved
+    assert {k for k in res[0].info["layers"][0] if k.startswith("sq_")} == {"sq_mlp_out"}
+    assert {k for k in res[1].info["layers"][0] if k.startswith("sq_")} >= {"sq_attn_in", "sq_mlp_in", "sq_mlp_out"}

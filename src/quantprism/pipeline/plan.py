@@ -38,7 +38,9 @@ def _base_recipe(t: Target, info: ModelInfo | None) -> Recipe:
                   embed_grids=needs.embed, awq_grid=grids[0] if transform == "awq" and grids else None,
                   sq_alpha=None if t.smoothquant_alpha == "auto" else t.smoothquant_alpha,
                   act_round=FORMATS[t.format].act_rounding(t) if transform == "smoothquant" else "none",
-                  search_grids=grids if transform == "smoothquant" and t.smoothquant_alpha == "auto" else (), damp=t.damp, clip=t.clip_search, act_order=t.act_order,
+                  search_grids=grids if transform == "smoothquant" and t.smoothquant_alpha == "auto" else (),
+                  sq_inputs=t.smoothquant_inputs if transform == "smoothquant" else (), damp=t.damp, clip=t.clip_search,
+                  act_order=t.act_order,
                   sensitivity=mixed, refit=t.refit and method == "gptq", tune=t.tune if method == "gptq" else 0,
                   tune_round=t.tune_round and method == "gptq" and t.tune > 0,
                   tune_mix=_mix_entries(t, needs.mix) if t.tune and method == "gptq" else ())
@@ -63,9 +65,10 @@ def plan_recipes(targets: list[Target], info: ModelInfo | None = None) -> tuple[
             continue  # nothing to quantize (e.g. GGUF F16)
         for i, other in enumerate(recipes):
             same = (other.transform, other.method, other.damp, other.clip, other.act_order, other.sq_alpha,
-                    other.act_round, other.search_grids, other.awq_grid, other.refit, other.tune, other.tune_round) == (
-                r.transform, r.method, r.damp, r.clip, r.act_order, r.sq_alpha, r.act_round, r.search_grids, r.awq_grid, r.refit, r.tune,
-                r.tune_round)
+                    other.act_round, other.search_grids, other.sq_inputs, other.awq_grid, other.refit, other.tune,
+                    other.tune_round) == (
+                r.transform, r.method, r.damp, r.clip, r.act_order, r.sq_alpha, r.act_round, r.search_grids, r.sq_inputs,
+                r.awq_grid, r.refit, r.tune, r.tune_round)
             if same:
                 def merge(a, b):
                     return tuple(dict.fromkeys(a + b))

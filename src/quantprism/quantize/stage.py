@@ -63,6 +63,9 @@ class Recipe:
     # the target's own grids the searched SmoothQuant rounds candidates on (first fitting each input width): a scale
     # that suits one grid can ruin another (Q5_1 on weights that carry Q4_1 rounding is near-exact unscaled)
     search_grids: tuple[str, ...] = ()
+    # the input groups SmoothQuant scales (config.SQ_INPUTS values); () = every foldable one. On a model whose weights
+    # carry a 32-block origin (SmolLM2's Q4_1), scaling the 576-wide inputs moves Q5_1 rows off their exact grid
+    sq_inputs: tuple[str, ...] = ()
     damp: float = 0.01
     clip: bool = True
     act_order: bool = True  # static groups: columns in decreasing H-diagonal order, groups stay col // size
@@ -91,7 +94,7 @@ class Recipe:
 
     def key(self) -> str:
         d = asdict(self)
-        for k in ("act_round", "search_grids"):
+        for k in ("act_round", "search_grids", "sq_inputs"):
             if d[k] in ("none", ()):
                 del d[k]  # added later: keys of recipes without them stay as they were
         blob = json.dumps(d, sort_keys=True).encode()
@@ -329,7 +332,8 @@ def _solve_layer(layer, li: int, prefix: str, hs: Activations, kws: list[dict], 
         linfo: dict = {"layer": li}
         if r.transform != "none":
             for group, st in stats.items():
-                if not foldable(work, group, arch):
+                if not foldable(work, group, arch) or (r.transform == "smoothquant" and r.sq_inputs
+                                                       and group not in r.sq_inputs):
                     continue
                 if r.transform == "awq":
                     k = work.get_submodule(groups[group][0]).weight.shape[1]
