@@ -247,7 +247,7 @@ SQ_INPUTS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_p
 
 def _sq_inputs(where: str, value: list) -> tuple[str, ...]:
     """Linear names → the input groups they read (q/k/v share one input, gate/up another), sorted and unique."""
-    bad = [v for v in value if v not in SQ_INPUTS]
+    bad = [v for v in value if not isinstance(v, str) or v not in SQ_INPUTS]
     if bad or not value:
         raise ConfigError(f"{where} key 'smoothquant_inputs': {bad[0] if bad else value!r} is not one of "
                           f"{', '.join(SQ_INPUTS)} (the linears whose inputs SmoothQuant scales)")
