@@ -211,7 +211,7 @@ def summarise(parts: dict) -> dict:
         u = parts[key]
         s[key.replace("-", "_")] = {ft: {k: v for k, v in u[ft].items() if k != "details"}
                                     for ft in ("Q4_K_M", "Q5_K_M") if ft in u}
-        s[key.replace("-", "_")].update({k: u.get(k) for k in ("method", "smoothquant_alpha", "seconds", "machine")
+        s[key.replace("-", "_")].update({k: u.get(k) for k in ("method", "smoothquant_alpha", "smoothquant_inputs", "seconds", "machine")
                                          if k in u})
     x = parts.get("experiments")  # technique experiments (which won, which lost), same evaluator as peers.py
     if x:
