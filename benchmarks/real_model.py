@@ -200,6 +200,13 @@ def summarise(parts: dict) -> dict:
                       "rows": w4_rows(key, r)}
         elif key.startswith("w4:"):
             s[key] = r
+    # more of our own W4 variants run later (peers.py --peers '' --reuse-ours), held against the part's best peer
+    for key in sorted(k for k in parts if k.startswith("w4more-")):
+        best = (parts.get(f"w4:{key.removeprefix('w4more-')}") or {}).get("best_peer") or {}
+        s[key.replace("-", "_")] = {
+            m: {"kld": o["kld"], "dev_kld": o.get("dev_kld"), "top1": o["top1"], "seconds": o["seconds"],
+                "ratio_vs_best_peer": o["kld"] / best["kld"] if best.get("kld") else None, "best_peer": best.get("peer")}
+            for m, o in parts[key].get("ours", {}).items() if m != "rtn"}
     g = parts.get("gguf")
     if g:
         s["gguf"] = {ft: {k: v for k, v in g[ft].items() if k != "details"} for ft in ("Q4_K_M", "Q5_K_M") if ft in g}
