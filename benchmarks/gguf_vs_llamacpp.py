@@ -54,7 +54,7 @@ def main() -> None:
     from llamacpp_quantize import gguf_imatrix, quantize
 
     from quantprism.calibration import eval_text_path
-    from quantprism.config import SQ_INPUTS, Target
+    from quantprism.config import Target, smoothquant_input_groups
     from quantprism.evaluate.compare import base_logprobs, compare, eval_token_chunks, torch_logits_fn
     from quantprism.exporters.gguf import write_gguf
     from quantprism.model import load_model_info, load_tokenizer, load_torch_model
@@ -68,7 +68,8 @@ def main() -> None:
     info = load_model_info(args.model)
     targets = [Target(name=f"ours-{ft}", format="gguf", runtime="llamacpp", quant=ft, method=args.method,
                       smoothquant_alpha=args.smoothquant_alpha, tune=args.tune,
-                      smoothquant_inputs=tuple(sorted({SQ_INPUTS[n] for n in args.smoothquant_inputs.split(",") if n})), tune_round=args.tune_round) for ft in file_types]
+                      smoothquant_inputs=smoothquant_input_groups("--smoothquant-inputs", args.smoothquant_inputs.split(","))
+                      if args.smoothquant_inputs else (), tune_round=args.tune_round) for ft in file_types]
     recipes, index = plan_recipes(targets, info)
     import logging
 

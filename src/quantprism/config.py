@@ -245,7 +245,7 @@ SQ_INPUTS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_p
              "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_out"}
 
 
-def _sq_inputs(where: str, value: list) -> tuple[str, ...]:
+def smoothquant_input_groups(where: str, value: list) -> tuple[str, ...]:
     """Linear names → the input groups they read (q/k/v share one input, gate/up another), sorted and unique."""
     bad = [v for v in value if not isinstance(v, str) or v not in SQ_INPUTS]
     if bad or not value:
@@ -308,7 +308,7 @@ def _parse_target(path: Path, name: str, raw: Any) -> Target:
         if key == "tasks":
             vals[key] = _task_names(where, value)
         elif key == "smoothquant_inputs":
-            vals[key] = _sq_inputs(where, value)
+            vals[key] = smoothquant_input_groups(where, value)
     for req in ("format", "runtime"):
         if req not in vals:
             raise ConfigError(f"{where} missing key '{req}'")
