@@ -186,6 +186,8 @@ def canonical_time(model: Path, work: Path, extra: str, threads: int) -> dict:
     out = {"cmd": " ".join(cmd), "rc": os.waitstatus_to_exitcode(status), "seconds": round(time.time() - t0, 1),
            "peak_rss_mb": round(ru.ru_maxrss / 1024, 1), "targets": str(work / "targets.toml"), "threads": threads,
            "log": str(work / "quantize.log")}
+    for info in (work / "cache").glob("*/canonical.json"):  # what the pass chose per layer (α, ratios), kept
+        shutil.copy(info, work / f"canonical-{info.parent.name}.json")
     shutil.rmtree(work / "cache", ignore_errors=True)
     return out
 

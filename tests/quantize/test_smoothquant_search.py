@@ -16,7 +16,7 @@ from quantprism.pipeline import plan_recipes
 from quantprism.quantize.grids import IntGrid, KQuantGrid
 from quantprism.quantize.stage import Recipe
 from quantprism.quantize.stats import attach_collectors
-from quantprism.quantize.transforms import smoothquant_search
+from quantprism.quantize.transforms import awq_search, grid_descent, smoothquant_search
 
 
 def _stats_with_outliers(layer, massive: float):
@@ -90,6 +90,32 @@ def test_the_search_migrates_massive_activations_only_where_the_runtime_rounds_t
     _, plain = smoothquant_search(layer, "attn_in", st, grid, None)
     assert plain["mse"] <= plain["mse_unscaled"]
     assert plain["mse_unscaled"] < info["mse_unscaled"] / 4  # what the rounding of activations costs unscaled
+
+
+@pytest.mark.parametrize("n", [9, 10, 20])
+def test_grid_descent_finds_a_single_valleys_floor_with_fewer_evaluations(n):
+    for floor in range(n):
+        errs = grid_descent(n, lambda i, f=floor: (i - f) ** 2 + 0.01 * i)
+        assert min(errs, key=errs.__getitem__) == floor and len(errs) < n - 2
+    # two valleys: a local search may stop in either; exhaustive (stride 1) sees both
+    two = [1.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 0.2, 1.0][:n] + [1.0] * (n - 9)
+    full = grid_descent(n, two.__getitem__, 1)
+    assert min(full, key=full.__getitem__) == 7 and len(full) == n
+
+
+@pytest.mark.parametrize("massive", [1.0, 8.0, 60.0])
+def test_the_searches_choose_what_the_exhaustive_search_chooses(massive):
+    """Trained weights (bundled layer 0) with and without massive channels: SmoothQuant's α (ORT's int8 blocks and
+    llama.cpp's Q8_0 in the loop) and AWQ's ratio from ``grid_descent`` equal the exhaustive search's."""
+    layer = load_torch_model(load_model_info(None)).model.layers[0]
+    st = _stats_with_outliers(layer, massive)
+    for grid, kind in ((IntGrid(8, 32, False), "nbits"), (KQuantGrid("Q5_0", True), "ggml")):
+        _, fast = smoothquant_search(layer, "attn_in", st, grid, activation_rounding(kind, grid))
+        _, full = smoothquant_search(layer, "attn_in", st, grid, activation_rounding(kind, grid), stride=1)
+        assert (fast["alpha"], fast["mse"]) == (full["alpha"], full["mse"]) and fast["evaluated"] < full["evaluated"]
+    _, fast = awq_search(layer, "attn_in", st, IntGrid(4, 64, True))
+    _, full = awq_search(layer, "attn_in", st, IntGrid(4, 64, True), stride=1)
+    assert (fast["ratio"], fast["mse"]) == (full["ratio"], full["mse"]) and fast["evaluated"] < full["evaluated"] == 21
 
 
 @pytest.mark.parametrize("value, want", [(["down_proj"], ("mlp_out",)), (["k_proj", "q_proj", "v_proj"], ("attn_in",)),
