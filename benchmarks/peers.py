@@ -188,10 +188,12 @@ def main() -> None:
                "gptq+tune": Recipe(grids=(grid_id,), method="gptq", refit=True, tune=1),
                "gptq+tune2+round": Recipe(grids=(grid_id,), method="gptq", tune=2, tune_round=True)}
     ours_methods = ["rtn"] + [m for m in args.ours.split(",") if m and m != "rtn"]
-    for m in ours_methods:  # more epochs of the same tuning: gptq+tune<N>+round
-        if (t := re.fullmatch(r"gptq\+tune(\d+)\+round", m)) and m not in recipes:
-            recipes[m] = Recipe(grids=(grid_id,), method="gptq", tune=int(t[1]), tune_round=True)
-            OURS_DESC[m] = OURS_DESC["gptq+tune2+round"].replace("2 epochs", f"{t[1]} epochs").replace("tune = 2", f"tune = {t[1]}")
+    for m in ours_methods:  # more epochs of the same tuning, larger peak steps: gptq+tune<N>+round[+lr<X>]
+        if (t := re.fullmatch(r"gptq\+tune(\d+)\+round(?:\+lr(\d+(?:\.\d+)?))?", m)) and m not in recipes:
+            lr = float(t[2] or 1)
+            recipes[m] = Recipe(grids=(grid_id,), method="gptq", tune=int(t[1]), tune_round=True, tune_lr=lr)
+            OURS_DESC[m] = (OURS_DESC["gptq+tune2+round"].replace("2 epochs", f"{t[1]} epochs")
+                            .replace("tune = 2", f"tune = {t[1]}" + (f", tune_lr = {lr:g}" if t[2] else "")))
     todo = [(n, args.samples) for n in ours_methods] + (
         [(n, awq_n) for n in ("awq", "awq+gptq") if n in ours_methods] if awq_n else [])
     if args.reuse_ours:

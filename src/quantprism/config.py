@@ -64,7 +64,7 @@ TARGET_KEYS: dict[str, Any] = {
     "method": str, "hardware": str, "description": str, "damp": float, "clip_search": bool,
     "act_order": bool, "smoothquant_alpha": float, "imatrix": bool, "threads": int,
     "protect": int, "max_bpw": float, "tokenizer_parity": str, "gates": dict, "refit": bool, "tune": int,
-    "tune_round": bool, "tasks": list, "smoothquant_inputs": list,
+    "tune_round": bool, "tune_lr": float, "tasks": list, "smoothquant_inputs": list,
 }
 HARDWARE_KEYS: dict[str, Any] = {"features": list, "runner": list, "extras": list, "arch": str, "description": str}
 
@@ -100,6 +100,7 @@ class Target:
     refit: bool = False  # Hessian-weighted scale refit after GPTQ (int grids)
     tune: int = 0  # epochs of block-wise output reconstruction of the block parameters (quality knob; ~3× the pass)
     tune_round: bool = False  # the reconstruction also learns each weight's rounding (from GPTQ's)
+    tune_lr: float = 1.0  # multiplier of the reconstruction's peak Adam steps (3 on SmolLM2 with 4 epochs)
     smoothquant_alpha: float | str = 0.5  # "auto": searched per layer with the runtime's activation rounding
     smoothquant_inputs: tuple[str, ...] = ()  # the inputs SmoothQuant scales (SQ_INPUTS names); () = every foldable one
     imatrix: bool = True
@@ -386,6 +387,10 @@ def _check_combination(where: str, fmt: str, method: str, vals: dict[str, Any]) 
         raise ConfigError(f"{where} key 'tune': {vals['tune']} must be 0–16 epochs; 1 is typical")
     if vals.get("tune_round") and not vals.get("tune"):
         raise ConfigError(f"{where} key 'tune_round' learns the rounding during tuning: set 'tune' to 1 or 2 epochs too")
+    if "tune_lr" in vals and not 0 < vals["tune_lr"] <= 10:
+        raise ConfigError(f"{where} key 'tune_lr': {vals['tune_lr']} must be in (0, 10]; 1 is the default")
+    if vals.get("tune_lr", 1.0) != 1.0 and not vals.get("tune"):
+        raise ConfigError(f"{where} key 'tune_lr' scales the tuning's steps: set 'tune' to 1 or more epochs too")
     if "damp" in vals and not 0 < vals["damp"] < 1:
         raise ConfigError(f"{where} key 'damp': {vals['damp']} must be in (0, 1); 0.01 is typical")
     if vals.get("smoothquant_alpha", "auto") != "auto" and not 0 <= vals["smoothquant_alpha"] <= 1:

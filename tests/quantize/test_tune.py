@@ -115,3 +115,29 @@ def test_gguf_targets_tune_their_deployed_mix_once(tmp_path):
         _, assign = sets[0]
         assert assign == {lin: types[f"model.layers.{li}.{lin}"].lower() + ("_imat" if types[f"model.layers.{li}.{lin}"] != "Q8_0" else "")
                           for lin in lins}
+
+
+def test_tune_lr_reaches_the_optimizer_and_changes_the_tuning(tmp_path):
+    """targets.toml's tune_lr becomes the recipe's (its own cache key; bad values are one line); the stage hands it to
+    the tuning, whose record shows the scaled peak step, and the tuned layer's loss differs from the default steps'."""
+    from quantprism.config import ConfigError, parse_targets
+    from quantprism.pipeline import plan_recipes
+    from quantprism.quantize import tune
+
+    f = tmp_path / "t.toml"
+    head = "[target.a]\nformat='gptq'\nruntime='vllm'\nbits=4\ngroup_size=64\nmethod='gptq'\n"
+    f.write_text(head + "tune=1\ntune_round=true\ntune_lr=3\n")
+    (r,), _ = plan_recipes(list(parse_targets(f).targets.values()))
+    assert r.tune_lr == 3.0 and r.key() != Recipe(**{**r.__dict__, "tune_lr": 1.0}).key()
+    for bad, msg in (("tune=1\ntune_lr=0", "tune_lr.*\\(0, 10\\]"), ("tune_lr=2", "tune_lr.*'tune'")):
+        f.write_text(head + bad + "\n")
+        with pytest.raises(ConfigError, match=msg):
+            parse_targets(f)
+    info = load_model_info(None)
+    kw = dict(calibration="builtin", samples=8, seq_len=64, seed=0)
+    runs = {lr: run_stage(info, [Recipe(grids=("int4_g64_sym_fp16",), tune=1, tune_round=True, tune_lr=lr)],
+                          cache_dir=tmp_path / str(lr), **kw).results[0] for lr in (1.0, 3.0)}
+    for lr, res in runs.items():
+        assert all(layer["tune_int4_g64_sym_fp16"]["lr"] == tune.SCALE_LR * lr for layer in res.info["layers"])
+    first = [res.info["layers"][0]["tune_int4_g64_sym_fp16"] for res in runs.values()]  # same inputs in both runs
+    assert first[0]["loss_before"] == first[1]["loss_before"] and first[0]["loss_after"] != first[1]["loss_after"]

@@ -43,6 +43,7 @@ def _base_recipe(t: Target, info: ModelInfo | None) -> Recipe:
                   act_order=t.act_order,
                   sensitivity=mixed, refit=t.refit and method == "gptq", tune=t.tune if method == "gptq" else 0,
                   tune_round=t.tune_round and method == "gptq" and t.tune > 0,
+                  tune_lr=t.tune_lr if t.tune and method == "gptq" else 1.0,
                   tune_mix=_mix_entries(t, needs.mix) if t.tune and method == "gptq" else ())
 
 
@@ -66,9 +67,9 @@ def plan_recipes(targets: list[Target], info: ModelInfo | None = None) -> tuple[
         for i, other in enumerate(recipes):
             same = (other.transform, other.method, other.damp, other.clip, other.act_order, other.sq_alpha,
                     other.act_round, other.search_grids, other.sq_inputs, other.awq_grid, other.refit, other.tune,
-                    other.tune_round) == (
+                    other.tune_round, other.tune_lr) == (
                 r.transform, r.method, r.damp, r.clip, r.act_order, r.sq_alpha, r.act_round, r.search_grids, r.sq_inputs,
-                r.awq_grid, r.refit, r.tune, r.tune_round)
+                r.awq_grid, r.refit, r.tune, r.tune_round, r.tune_lr)
             if same:
                 def merge(a, b):
                     return tuple(dict.fromkeys(a + b))

@@ -76,6 +76,7 @@ class Recipe:
     refit: bool = False  # int grids: re-solve each group's scale for GPTQ's codes against the Hessian (refit.py)
     tune: int = 0  # epochs of block-wise output reconstruction of every int grid's scales against the fp model (tune.py)
     tune_round: bool = False  # the reconstruction also learns each weight's rounding, starting from GPTQ's (tune.py)
+    tune_lr: float = 1.0  # multiplier of the reconstruction's peak steps (tune.SCALE_LR, ROUND_LR, INT_LR)
     # "target|module=grid": per-tensor deployed grids (GGUF mixes), tuned as deployed together, one run per target and
     # layer; grids no mix names are tuned grid by grid (every linear on that grid)
     tune_mix: tuple[str, ...] = ()
@@ -94,8 +95,8 @@ class Recipe:
 
     def key(self) -> str:
         d = asdict(self)
-        for k in ("act_round", "search_grids", "sq_inputs"):
-            if d[k] in ("none", ()):
+        for k in ("act_round", "search_grids", "sq_inputs", "tune_lr"):
+            if d[k] in ("none", (), 1.0):
                 del d[k]  # added later: keys of recipes without them stay as they were
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
@@ -395,7 +396,8 @@ def _solve_layer(layer, li: int, prefix: str, hs: Activations, kws: list[dict], 
             # chain's inputs Q5_K_M, tuned beside a Q4_K_M chain, over-corrected to 2.5× its untuned KLD)
             own = ri == settings.chain and si == 0
             tuned, linfo[f"tune_{name}"] = tune_layer_scales(work, solved, hs if own else hs_fp, fp_next, kws,
-                                                             epochs=r.tune, cont=cont, frozen=frozen)
+                                                             epochs=r.tune, cont=cont, frozen=frozen,
+                                                             lr_scale=r.tune_lr)
             linfo[f"tune_{name}"]["inputs"] = "quantized" if own else "fp"
             for lin, gid in assign.items():
                 res.quant[f"{prefix}.{lin}"][gid] = tuned[lin]
