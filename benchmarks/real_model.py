@@ -209,6 +209,11 @@ def summarise(parts: dict) -> dict:
             m: {"kld": o["kld"], "dev_kld": o.get("dev_kld"), "top1": o["top1"], "seconds": o["seconds"],
                 "ratio_vs_best_peer": o["kld"] / best["kld"] if best.get("kld") else None, "best_peer": best.get("peer")}
             for m, o in parts[key].get("ours", {}).items() if m != "rtn"}
+        v = s[key.replace("-", "_")]
+        if v and all(o["dev_kld"] is not None for o in v.values()):  # chosen on the dev split, as peers.py chooses
+            m = min(v, key=lambda n: v[n]["dev_kld"])
+            v["best_by_dev"] = {"method": m, "kld": v[m]["kld"], "ratio_vs_best_peer": v[m]["ratio_vs_best_peer"],
+                                "goal": 0.9}
     g = parts.get("gguf")
     if g:
         s["gguf"] = {ft: {k: v for k, v in g[ft].items() if k != "details"} for ft in ("Q4_K_M", "Q5_K_M") if ft in g}
