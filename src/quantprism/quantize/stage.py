@@ -46,6 +46,8 @@ from .transforms import (
 from .tune import code_units, tunable, tune_layer_scales
 
 TRANSFORMS = ("none", "awq", "smoothquant")
+# Recipe fields added after caches existed: left out of the key at their default, so earlier keys stay valid
+LATER_FIELDS = ("act_round", "search_grids", "sq_inputs", "tune_lr")
 
 
 @dataclass(frozen=True)
@@ -95,8 +97,9 @@ class Recipe:
 
     def key(self) -> str:
         d = asdict(self)
-        for k in ("act_round", "search_grids", "sq_inputs", "tune_lr"):
-            if d[k] in ("none", (), 1.0):
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for k in LATER_FIELDS:
+            if d[k] == defaults[k]:
                 del d[k]  # added later: keys of recipes without them stay as they were
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

@@ -79,10 +79,19 @@ SQ_ALPHAS = tuple(i / 10 for i in range(1, 10))
 
 def grid_descent(n: int, err: Callable[[int], float], stride: int = 3) -> dict[int, float]:
     """Errors of a subset of candidates 0 … n−1 on a 1-D grid: every ``stride``-th one (centred), then the neighbours
-    of the best so far until it has both evaluated — a local minimum of the grid. Output error against a migration
-    strength (SmoothQuant's α, AWQ's ratio) is a single valley on real checkpoints: the search finds the exhaustive
-    search's choice in 5–6 evaluations of 9 (6–7 of 10), and each evaluation is a rounding of the group's weights
-    plus a product with the calibration sample."""
+    of the best so far until it has both evaluated — a local minimum of the grid, in 5–6 evaluations of 9 (6–7 of
+    10); each evaluation is a rounding of the group's weights plus a product with the calibration sample. Output
+    error against a migration strength (SmoothQuant's α, AWQ's ratio) is mostly a single valley, where this is the
+    exhaustive search's choice (all 90 α of SmolLM2's Q4_K_M recipe); where it has two, the search may stop in the
+    other (one input of SmolLM2's ONNX 4-bit SmoothQuant recipe, layer 3). stride 1 is the exhaustive search."""
+
+
+def best_or_none(n: int, err: Callable[[int], float], unscaled: float, stride: int) -> tuple[int | None, float, int]:
+    """``grid_descent`` over candidates 0 … n−1 against "no scaling" (error ``unscaled``, always a candidate so a
+    search never loses to plain rounding; it wins ties): (the chosen index or None, its error, evaluations)."""
+    errs = grid_descent(n, err, stride)
+    i = min(errs, key=errs.__getitem__)
+    return (i, errs[i], len(errs) + 1) if errs[i] < unscaled else (None, unscaled, len(errs) + 1)
     errs: dict[int, float] = {}
     for i in range((n - 1) % stride // 2, n, stride):
         errs[i] = err(i)
@@ -122,11 +131,10 @@ def smoothquant_search(layer: torch.nn.Module, group: str, st: InputStats, grid:
             xs = act(xs)
         return float(((xs @ Wq.T - y_ref) ** 2).mean())
 
-    unscaled = err(None)  # always a candidate: the search never loses to no scaling
-    errs = grid_descent(len(SQ_ALPHAS), lambda i: err(SQ_ALPHAS[i]), stride)
-    i = min(errs, key=errs.__getitem__)
-    alpha, mse = (SQ_ALPHAS[i], errs[i]) if errs[i] < unscaled else (None, unscaled)
-    return scales(alpha), {"alpha": alpha, "mse": mse, "mse_unscaled": unscaled, "evaluated": len(errs) + 1}
+    unscaled = err(None)
+    i, mse, evaluated = best_or_none(len(SQ_ALPHAS), lambda i: err(SQ_ALPHAS[i]), unscaled, stride)
+    alpha = None if i is None else SQ_ALPHAS[i]
+    return scales(alpha), {"alpha": alpha, "mse": mse, "mse_unscaled": unscaled, "evaluated": evaluated}
 
 
 Solver = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (scaled W, scaled H) → dequantized W
@@ -167,9 +175,7 @@ def awq_search(layer: torch.nn.Module, group: str, st: InputStats, grid: Grid, n
         Wq = torch.cat([solver(Wi * s[None, :], Hs) for Wi in W.split([m.out_features for m in lins])]) / s[None, :]
         return float(((x @ Wq.T - y_ref) ** 2).mean())
 
-    unscaled = err(None)  # no scaling is always a candidate, so AWQ never loses to plain rounding
-    errs = grid_descent(n_grid, lambda i: err(i / n_grid), stride)
-    i = min(errs, key=errs.__getitem__)
-    r, mse = (i / n_grid, errs[i]) if errs[i] < unscaled else (-1.0, unscaled)
-    return scales(None if r < 0 else r), {"ratio": r, "mse": mse, "mse_unscaled": unscaled,
-                                          "evaluated": len(errs) + 1}
+    unscaled = err(None)
+    i, mse, evaluated = best_or_none(n_grid, lambda i: err(i / n_grid), unscaled, stride)
+    r = None if i is None else i / n_grid
+    return scales(r), {"ratio": -1.0 if r is None else r, "mse": mse, "mse_unscaled": unscaled, "evaluated": evaluated}
