@@ -84,14 +84,6 @@ def grid_descent(n: int, err: Callable[[int], float], stride: int = 3) -> dict[i
     error against a migration strength (SmoothQuant's α, AWQ's ratio) is mostly a single valley, where this is the
     exhaustive search's choice (all 90 α of SmolLM2's Q4_K_M recipe); where it has two, the search may stop in the
     other (one input of SmolLM2's ONNX 4-bit SmoothQuant recipe, layer 3). stride 1 is the exhaustive search."""
-
-
-def best_or_none(n: int, err: Callable[[int], float], unscaled: float, stride: int) -> tuple[int | None, float, int]:
-    """``grid_descent`` over candidates 0 … n−1 against "no scaling" (error ``unscaled``, always a candidate so a
-    search never loses to plain rounding; it wins ties): (the chosen index or None, its error, evaluations)."""
-    errs = grid_descent(n, err, stride)
-    i = min(errs, key=errs.__getitem__)
-    return (i, errs[i], len(errs) + 1) if errs[i] < unscaled else (None, unscaled, len(errs) + 1)
     errs: dict[int, float] = {}
     for i in range((n - 1) % stride // 2, n, stride):
         errs[i] = err(i)
@@ -102,6 +94,14 @@ def best_or_none(n: int, err: Callable[[int], float], unscaled: float, stride: i
             return errs
         for j in todo:
             errs[j] = err(j)
+
+
+def best_or_none(n: int, err: Callable[[int], float], unscaled: float, stride: int) -> tuple[int | None, float, int]:
+    """``grid_descent`` over candidates 0 … n−1 against "no scaling" (error ``unscaled``, always a candidate so a
+    search never loses to plain rounding; it wins ties): (the chosen index or None, its error, evaluations)."""
+    errs = grid_descent(n, err, stride)
+    i = min(errs, key=errs.__getitem__)
+    return (i, errs[i], len(errs) + 1) if errs[i] < unscaled else (None, unscaled, len(errs) + 1)
 
 
 def smoothquant_search(layer: torch.nn.Module, group: str, st: InputStats, grid: Grid,
