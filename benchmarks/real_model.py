@@ -214,6 +214,9 @@ def summarise(parts: dict) -> dict:
             m = min(v, key=lambda n: v[n]["dev_kld"])
             v["best_by_dev"] = {"method": m, "kld": v[m]["kld"], "ratio_vs_best_peer": v[m]["ratio_vs_best_peer"],
                                 "goal": 0.9}
+    # peers run on their own (AWQ on 32 windows, AutoRound, …) before a w4 part assembled them: their rows as measured
+    for key in sorted(k for k in parts if k.startswith(("llmc-", "autoround-")) and "rows" in parts[k]):
+        s[key.replace("-", "_")] = [r for r in w4_rows(key, parts[key]) if r["who"] != "quantprism"]
     g = parts.get("gguf")
     if g:
         s["gguf"] = {ft: {k: v for k, v in g[ft].items() if k != "details"} for ft in ("Q4_K_M", "Q5_K_M") if ft in g}
